@@ -1,0 +1,49 @@
+# One-command set-up: `make demo` and `make test` create .venv and install everything.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
+
+.PHONY: demo test lint typecheck pytest chromium serve experiments bench clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The constraints pin torch to the 2.13.0 CPU build: without them pip would pick a
+	# multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	touch $(STAMP)
+
+# Browser tests drive Debian's chromium; install it when missing (needs root or sudo).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict monitor_agent server
+
+pytest: $(STAMP) chromium
+	$(BIN)/python -m pytest -q -ra
+
+test: lint typecheck pytest
+
+demo: $(STAMP)
+	$(BIN)/channelscope demo
+
+serve: $(STAMP)
+	$(BIN)/channelscope serve
+
+experiments: $(STAMP)
+	$(BIN)/python -m experiments.run_all
+
+bench: $(STAMP)
+	$(BIN)/python bench/agent_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts

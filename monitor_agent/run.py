@@ -1,0 +1,315 @@
+"""A monitored run: metadata, user scalars, events, and the lifecycle of its sender."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import secrets
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from monitor_agent import wire
+from monitor_agent.endpoint import ENV_MODE, ENV_PREFIX, home_dir, resolve_redis_url
+from monitor_agent.sender import Op, Sender
+
+log = logging.getLogger("monitor_agent")
+
+MODES = ("online", "offline", "disabled")
+
+
+class _IdClock:
+    """Strictly increasing Redis stream ids ``<ms>-<seq>`` from the wall clock.
+
+    Explicit ids make replays idempotent: Redis rejects an id it has already passed.
+    """
+
+    def __init__(self) -> None:
+        self._ms = 0
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            now = int(time.time() * 1000)
+            if now > self._ms:
+                self._ms, self._seq = now, 0
+            else:
+                self._seq += 1
+            return f"{self._ms}-{self._seq}"
+
+
+def _new_run_id() -> str:
+    return secrets.token_hex(4)
+
+
+def _as_float(value: Any) -> float:
+    # float() accepts Python numbers, numpy scalars and 0-d tensors alike.
+    return float(value)
+
+
+class Run:
+    """One training run streaming to Redis; create it with :func:`monitor_agent.init`."""
+
+    def __init__(
+        self,
+        project: str,
+        name: str,
+        config: Mapping[str, Any] | None = None,
+        redis_url: str | None = None,
+        *,
+        run_id: str | None = None,
+        tags: list[str] | None = None,
+        mode: str | None = None,
+        prefix: str | None = None,
+        maxlen: int = wire.DEFAULT_MAXLEN,
+    ) -> None:
+        if not wire.valid_project(project):
+            raise ValueError(f"project {project!r}: use letters, digits, '_', '-', '.'")
+        run_id = run_id or _new_run_id()
+        if not wire.valid_run_id(run_id):
+            raise ValueError(f"run_id {run_id!r}: use letters, digits, '_' or '-'")
+        mode = os.environ.get(ENV_MODE) or mode or "online"
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+        self.id = run_id
+        self.project = project
+        self.name = name
+        self.mode = mode
+        self.config = dict(config or {})
+        self.keys = wire.Keys(os.environ.get(ENV_PREFIX) or prefix or wire.DEFAULT_PREFIX)
+        self._maxlen = maxlen
+        self._ids = _IdClock()
+        self._step = -1
+        self._finished = False
+        self._nonfinite_seen: set[str] = set()
+        self._bad_type_seen: set[str] = set()
+        self._monitor: Any = None
+        self._sender: Sender | None = None
+        if mode == "disabled":
+            return
+        explicit = redis_url
+
+        def url_source() -> str | None:
+            return None if mode == "offline" else resolve_redis_url(explicit)
+
+        self._sender = Sender(
+            url_source,
+            home_dir() / "spool" / f"{run_id}.spool",
+            on_batch=self._touch_ops,
+        )
+        now = time.time()
+        meta = {
+            "project": project,
+            "name": name,
+            "config": self.config,
+            "tags": list(tags or []),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": now,
+            "updated_at": now,
+            "status": "running",
+            "layers": [],
+            "settings": {},
+        }
+        self._submit(
+            [
+                ("hset", self.keys.meta(run_id), wire.encode_meta(meta)),
+                ("sadd", self.keys.projects(), [project]),
+            ]
+        )
+        self.event("run_started", f"run {name} started on {meta['host']}", step=0)
+        atexit.register(self._at_exit)
+
+    # ----- plumbing -------------------------------------------------------------------
+    def _touch_ops(self) -> list[Op]:
+        now = time.time()
+        return [
+            ("zadd", self.keys.runs(), {self.id: now}),
+            ("zadd", self.keys.project_runs(self.project), {self.id: now}),
+            (
+                "hset",
+                self.keys.meta(self.id),
+                {"updated_at": str(now), "step": str(max(self._step, 0))},
+            ),
+        ]
+
+    def _submit(self, ops: list[Op]) -> None:
+        if self._sender is not None and not self._finished:
+            self._sender.submit(ops)
+
+    def _xadd(self, kind: str, record: Mapping[str, Any], entry_id: str | None = None) -> Op:
+        fields = wire.encode(kind, record)
+        return (
+            "xadd",
+            self.keys.stream(self.id, kind),
+            (entry_id or self._ids.next(), fields, self._maxlen),
+        )
+
+    def emit(self, kind: str, record: Mapping[str, Any]) -> None:
+        """Queue one record of a stream kind (scalars, layers, hist, spectrum); never blocks."""
+        if self._sender is None or self._finished:
+            return
+        try:
+            op = self._xadd(kind, record)
+        except wire.WireError as exc:
+            warnings.warn(f"channelscope: {kind} record not sent: {exc}", stacklevel=3)
+            return
+        self._submit([op])
+
+    def update_meta(self, fields: Mapping[str, Any]) -> None:
+        """Merge fields into the run's metadata hash (layers, settings, ...)."""
+        self._submit([("hset", self.keys.meta(self.id), wire.encode_meta(fields))])
+
+    # ----- public API -----------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The last step logged (-1 before the first)."""
+        return self._step
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Record user scalars at a training step (after the step's loss is known).
+
+        Never blocks and never raises on I/O trouble. Values that are not numbers are
+        dropped with a warning, once per name. A non-finite value is kept (as NaN/Inf)
+        and also raises one ``non_finite`` event per name.
+        """
+        if step is None:
+            step = self._step + 1
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._step = max(self._step, step)
+        values: dict[str, float] = {}
+        for name, raw in metrics.items():
+            key = str(name)
+            try:
+                value = _as_float(raw)
+            except (TypeError, ValueError):
+                if key not in self._bad_type_seen:
+                    self._bad_type_seen.add(key)
+                    warnings.warn(
+                        f"channelscope: {key!r} is a {type(raw).__name__}, not a number; dropped",
+                        stacklevel=2,
+                    )
+                continue
+            values[key] = value
+            if not math.isfinite(value) and key not in self._nonfinite_seen:
+                self._nonfinite_seen.add(key)
+                self.event(
+                    "non_finite",
+                    f"{key} became {value} at step {step}",
+                    severity="error",
+                    step=step,
+                    data={"name": key, "value": str(value)},
+                )
+        if values:
+            self.emit("scalars", {"step": step, "t": time.time(), "s": values})
+
+    def event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        severity: str = "info",
+        step: int | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record an event (DESIGN §4.6 kinds) at a step; never blocks."""
+        record = {
+            "kind": kind,
+            "step": max(self._step, 0) if step is None else step,
+            "t": time.time(),
+            "severity": severity,
+            "message": message,
+            "data": dict(data or {}),
+        }
+        self.emit("events", record)
+
+    def watch(self, model: Any, optimizer: Any, **kwargs: Any) -> Any:
+        """Attach gradient statistics to a model and its optimizer (see monitor_agent.watch)."""
+        from monitor_agent.watch import Monitor  # torch is imported only when watching
+
+        if self._monitor is not None:
+            self._monitor.detach()
+        self._monitor = Monitor(self, model, optimizer, **kwargs)
+        return self._monitor
+
+    def unwatch(self) -> None:
+        """Remove every hook that watch() installed."""
+        if self._monitor is not None:
+            self._monitor.detach()
+            self._monitor = None
+
+    def sender_stats(self) -> dict[str, Any]:
+        """Counters of the sender thread: sent, spooled, replayed, dropped, errors."""
+        if self._sender is None:
+            return {}
+        s = self._sender.stats
+        return {
+            "sent": s.sent,
+            "spooled": s.spooled,
+            "replayed": s.replayed,
+            "dropped": s.dropped,
+            "duplicates": s.duplicates,
+            "errors": s.errors,
+            "last_error": s.last_error,
+            "connected": s.connected,
+        }
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until queued records were sent or spooled; True when done in time."""
+        return self._sender.flush(timeout) if self._sender is not None else True
+
+    def finish(self, status: str = "finished", timeout: float = 10.0) -> None:
+        """Mark the run finished (or crashed) and deliver what is queued."""
+        if self._finished:
+            return
+        self.unwatch()
+        if self._sender is not None:
+            self.event(
+                "run_finished",
+                f"run {status}",
+                severity="info" if status == "finished" else "error",
+                data={"status": status},
+            )
+            self.update_meta({"status": status, "finished_at": time.time()})
+            self._finished = True
+            self._sender.close(timeout)
+            if self._sender.spool.pending():
+                log.warning(
+                    "channelscope: Redis unreachable; %s kept for replay", self._sender.spool.path
+                )
+        self._finished = True
+        atexit.unregister(self._at_exit)
+
+    def _at_exit(self) -> None:
+        self.finish(timeout=5.0)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finish("crashed" if exc_type is not None else "finished")
+
+
+def init(
+    project: str,
+    name: str,
+    config: Mapping[str, Any] | None = None,
+    redis_url: str | None = None,
+    **kwargs: Any,
+) -> Run:
+    """Start a run; the Redis URL comes from the argument, $CHANNELSCOPE_REDIS_URL, or
+    the embedded server started by ``channelscope serve``."""
+    return Run(project, name, config, redis_url, **kwargs)

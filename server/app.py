@@ -1,0 +1,75 @@
+"""`create_app(settings)`: the FastAPI service (REST API, ingest reader, dashboard)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, HTTPException
+
+from server.api import router
+from server.embedded_redis import EmbeddedRedis
+from server.ingest import Ingestor
+from server.settings import Settings
+from server.store import Store
+
+log = logging.getLogger("channelscope.server")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; Redis connections and the ingest reader start with its lifespan.
+
+    With no ``redis_url`` configured, the lifespan starts the embedded redis-server and
+    publishes its endpoint for agents on this machine.
+    """
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        embedded: EmbeddedRedis | None = None
+        url = settings.redis_url
+        if url is None:
+            embedded = EmbeddedRedis(settings.home / "redis").start()
+            embedded.publish()
+            url = embedded.url
+            log.warning("embedded Redis at %s (data in %s)", url, embedded.data_dir)
+        app.state.redis_url = url
+        client = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        store = Store(client, settings.prefix, settings.crashed_after_s)
+        ingestor = Ingestor(store, settings.poll_interval_s)
+        app.state.store = store
+        app.state.ingestor = ingestor
+        ingestor.start()
+        try:
+            yield
+        finally:
+            await ingestor.stop()
+            await client.aclose()
+            if embedded is not None:
+                embedded.unpublish()
+                embedded.stop()
+
+    app = FastAPI(
+        title="channelscope",
+        version="0.1.0",
+        summary="Live signal/noise monitor for PyTorch training runs",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(router)
+
+    # Registered before the dashboard's catch-all page route, so an unknown API path is
+    # a JSON 404 and not the dashboard's HTML.
+    @app.api_route(
+        "/api/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False
+    )
+    async def unknown_api(path: str) -> None:
+        raise HTTPException(status_code=404, detail=f"no API route /api/{path}")
+
+    if settings.dashboard:
+        from dashboard.app import create_dash_app
+
+        create_dash_app(settings, app)
+    return app

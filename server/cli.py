@@ -1,0 +1,132 @@
+"""The ``channelscope`` command: ``serve`` the service, or run the ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import httpx
+import uvicorn
+
+from server.app import create_app
+from server.settings import Settings
+
+
+def _server(settings: Settings) -> uvicorn.Server:
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
+    return uvicorn.Server(config)
+
+
+def _announce(settings: Settings, redis_url: str) -> None:
+    where = f"http://{settings.host}:{settings.port}/"
+    print(f"channelscope dashboard: {where}", flush=True)
+    print(f"  API docs:  {where}docs", flush=True)
+    print(f"  Redis:     {redis_url}", flush=True)
+    if settings.redis_url is None:
+        print(
+            "  embedded Redis on 127.0.0.1; agents on this machine connect automatically",
+            flush=True,
+        )
+
+
+def serve(settings: Settings) -> int:
+    """Run the server in the foreground until interrupted."""
+    server = _server(settings)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = _wait_ready(server, settings)
+    _announce(settings, url)
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        server.should_exit = True
+        thread.join(15)
+    return 0
+
+
+def _wait_ready(server: uvicorn.Server, settings: Settings, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.started:
+            try:
+                httpx.get(f"http://{settings.host}:{settings.port}/healthz", timeout=1.0)
+                app = server.config.loaded_app
+                while hasattr(app, "app"):
+                    app = app.app
+                return str(app.state.redis_url)
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.1)
+    raise SystemExit("channelscope: the server did not start")
+
+
+def demo(settings: Settings, steps: int, runs: int, keep_serving: bool) -> int:
+    """Serve, then train the grokking demo with the agent attached."""
+    import monitor_agent
+    from monitor_agent.demo import train
+
+    server = _server(settings)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    redis_url = _wait_ready(server, settings)
+    _announce(settings, redis_url)
+    try:
+        for i in range(runs):
+            wd = 1.0 if i % 2 == 0 else 0.3
+            cfg = {
+                "task": "modular addition",
+                "p": 53,
+                "weight_decay": wd,
+                "seed": i,
+                "steps": steps,
+            }
+            with monitor_agent.init(
+                "demo", f"grokking-wd{wd}-seed{i}", config=cfg, redis_url=redis_url
+            ) as run:
+                print(
+                    f"demo run {run.id}: http://{settings.host}:{settings.port}/runs/{run.id}",
+                    flush=True,
+                )
+                final = train(run, steps=steps, weight_decay=wd, seed=i)
+                print(f"  finished: {final}", flush=True)
+        if keep_serving:
+            print("demo finished; the dashboard keeps serving (Ctrl-C to stop)", flush=True)
+            while thread.is_alive():
+                thread.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join(15)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``channelscope`` console script."""
+    parser = argparse.ArgumentParser(prog="channelscope")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the server and dashboard")
+    p_demo = sub.add_parser("demo", help="serve and train a grokking demo run")
+    for p in (p_serve, p_demo):
+        p.add_argument("--host", default=None)
+        p.add_argument("--port", type=int, default=None)
+    p_demo.add_argument("--steps", type=int, default=6000)
+    p_demo.add_argument("--runs", type=int, default=1)
+    p_demo.add_argument("--exit", action="store_true", help="stop serving when training ends")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    if args.command == "serve":
+        return serve(settings)
+    return demo(settings, args.steps, args.runs, keep_serving=not args.exit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

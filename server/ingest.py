@@ -1,0 +1,93 @@
+"""The ingest reader: tails every active run's streams and validates what arrives.
+
+It is the server's one consumer of new records: it counts entries it must skip
+(malformed, unknown schema, oversized) for ``/readyz`` and keeps the time it last
+completed a pass, so a stuck reader is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from monitor_agent import wire
+from server.store import Store
+
+log = logging.getLogger("channelscope.server")
+
+ACTIVE_WINDOW_S = 7 * 24 * 3600
+PER_PASS = 2000
+
+
+class Ingestor:
+    """Background task that XREADs each active run's streams from where it left off."""
+
+    def __init__(self, store: Store, interval_s: float) -> None:
+        self.store = store
+        self.interval_s = interval_s
+        self.cursors: dict[str, dict[str, str]] = {}
+        self.records = 0
+        self.passes = 0
+        self.last_pass_at = 0.0
+        self.last_error = ""
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the reader on the running event loop."""
+        self._task = asyncio.create_task(self._run(), name="channelscope-ingest")
+
+    async def stop(self) -> None:
+        """Cancel the reader and wait for it."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def alive(self) -> bool:
+        """True when the reader task runs and finished a pass recently."""
+        fresh = time.time() - self.last_pass_at < max(10.0, 20 * self.interval_s)
+        return self._task is not None and not self._task.done() and fresh
+
+    async def pass_once(self) -> int:
+        """Read what arrived since the last pass; returns the number of entries read."""
+        client: aioredis.Redis = self.store.client
+        keys = self.store.keys
+        since = time.time() - ACTIVE_WINDOW_S
+        members: list[Any] = await client.zrangebyscore(keys.runs(), since, "+inf")
+        run_ids = [x.decode() if isinstance(x, bytes) else str(x) for x in members]
+        total = 0
+        for run_id in run_ids:
+            cursors = self.cursors.setdefault(run_id, dict.fromkeys(wire.STREAM_KINDS, "0-0"))
+            streams: dict[Any, Any] = {
+                keys.stream(run_id, k): cursors[k] for k in wire.STREAM_KINDS
+            }
+            reply: Any = await client.xread(streams, count=PER_PASS)
+            for key, entries in reply:
+                kind = (key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[-1]
+                self.store.decode_entries(kind, entries, count=True)
+                last = entries[-1][0]
+                cursors[kind] = last.decode() if isinstance(last, bytes) else last
+                total += len(entries)
+        self.records += total
+        return total
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                n = await self.pass_once()
+                self.passes += 1
+                self.last_pass_at = time.time()
+                self.last_error = ""
+                if n >= PER_PASS:
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis may go away; the reader must outlive it
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("ingest pass failed: %s", self.last_error)
+            await asyncio.sleep(self.interval_s)

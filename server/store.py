@@ -1,0 +1,149 @@
+"""Read access to the Redis layout of DESIGN §2: runs, meta, and decoded stream ranges."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from monitor_agent import wire
+
+_STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+READ_CHUNK = 5000
+
+
+def valid_cursor(cursor: str) -> bool:
+    """True when cursor is a Redis stream id (``ms`` or ``ms-seq``)."""
+    return bool(_STREAM_ID.match(cursor))
+
+
+@dataclass
+class SkipCounter:
+    """Counts stream entries that readers skipped, by reason and by stream kind."""
+
+    by_reason: Counter[str] = field(default_factory=Counter)
+    by_kind: Counter[str] = field(default_factory=Counter)
+
+    def add(self, kind: str, reason: str) -> None:
+        """Count one skipped entry."""
+        self.by_reason[reason] += 1
+        self.by_kind[kind] += 1
+
+    def total(self) -> int:
+        """All skipped entries."""
+        return sum(self.by_reason.values())
+
+
+def _text(x: bytes | str | None) -> str:
+    if x is None:
+        return ""
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else x
+
+
+def _float(x: Any, default: float = 0.0) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return default
+
+
+class Store:
+    """Async reader of runs and their streams; one per server process."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, crashed_after_s: float) -> None:
+        self.client = client
+        self.keys = wire.Keys(prefix)
+        self.crashed_after_s = crashed_after_s
+        self.skipped = SkipCounter()
+
+    def run_summary(self, run_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """The runs-list row of DESIGN §5.1 from a decoded meta hash."""
+        status = meta.get("status") or "running"
+        updated = _float(meta.get("updated_at"))
+        if status == "running" and time.time() - updated > self.crashed_after_s:
+            status = "crashed"
+        try:
+            step = int(meta.get("step") or 0)
+        except ValueError:
+            step = 0
+        return {
+            "run_id": run_id,
+            "project": meta.get("project", ""),
+            "name": meta.get("name", ""),
+            "status": status,
+            "step": step,
+            "started_at": _float(meta.get("started_at")),
+            "updated_at": updated,
+        }
+
+    async def meta(self, run_id: str) -> dict[str, Any] | None:
+        """Decoded meta hash of a run, or None when the run does not exist."""
+        raw = await self.client.hgetall(self.keys.meta(run_id))
+        return wire.decode_meta(raw) if raw else None
+
+    async def list_runs(
+        self, project: str | None, status: str | None, q: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Runs, most recently seen first, filtered by project, status and a text query."""
+        key = self.keys.project_runs(project) if project else self.keys.runs()
+        reply: list[Any] = await self.client.zrevrange(key, 0, -1)
+        ids = [_text(x) for x in reply]
+        pipe = self.client.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hgetall(self.keys.meta(run_id))
+        metas = await pipe.execute()
+        out: list[dict[str, Any]] = []
+        needle = (q or "").lower()
+        for run_id, raw in zip(ids, metas, strict=True):
+            if not raw:
+                continue
+            row = self.run_summary(run_id, wire.decode_meta(raw))
+            if status and row["status"] != status:
+                continue
+            if needle and needle not in f"{run_id} {row['name']} {row['project']}".lower():
+                continue
+            out.append(row)
+            if len(out) >= limit:
+                break
+        return out
+
+    def decode_entries(
+        self, kind: str, entries: Iterable[tuple[Any, Any]], count: bool = False
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Decode stream entries, skipping (and, when asked, counting) unusable ones."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        for entry_id, fields in entries:
+            try:
+                out.append((_text(entry_id), wire.decode(kind, fields)))
+            except wire.WireError as exc:
+                if count:
+                    self.skipped.add(kind, exc.reason)
+        return out
+
+    async def read(
+        self, run_id: str, kind: str, since: str | None, limit: int | None = None
+    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        """Decoded entries after the cursor ``since`` (exclusive), and the new cursor.
+
+        The cursor is the id of the last entry read, decodable or not, so a reader never
+        sees an entry twice and never stalls on a bad one.
+        """
+        key = self.keys.stream(run_id, kind)
+        start = f"({since}" if since else "-"
+        records: list[tuple[str, dict[str, Any]]] = []
+        cursor = since
+        while True:
+            chunk: Any = await self.client.xrange(key, min=start, max="+", count=READ_CHUNK)
+            if not chunk:
+                break
+            records.extend(self.decode_entries(kind, chunk))
+            cursor = _text(chunk[-1][0])
+            start = f"({cursor}"
+            if len(chunk) < READ_CHUNK or (limit is not None and len(records) >= limit):
+                break
+        return records, cursor

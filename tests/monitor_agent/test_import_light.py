@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_importing_the_agent_pulls_no_server_dashboard_or_torch() -> None:
+    code = (
+        "import sys, monitor_agent, monitor_agent.wire\n"
+        "heavy = [m for m in ('fastapi', 'dash', 'plotly', 'torch', 'server', 'dashboard')"
+        " if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+
+import monitor_agent as cs
+from monitor_agent import wire
+from server.embedded_redis import EmbeddedRedis, free_port
+
+
+def _steps(client: redis.Redis, run: cs.Run) -> list[int]:
+    entries = client.xrange(run.keys.stream(run.id, "scalars"))
+    return [wire.decode("scalars", fields)["step"] for _, fields in entries]
+
+
+def test_log_reaches_redis_in_order(redis_client: redis.Redis, redis_url: str) -> None:
+    with cs.init("unit", "order", config={"lr": 0.1}, redis_url=redis_url) as run:
+        for step in range(500):
+            run.log({"train/loss": 1.0 / (step + 1)}, step=step)
+    assert _steps(redis_client, run) == list(range(500))
+    meta = wire.decode_meta(redis_client.hgetall(run.keys.meta(run.id)))
+    assert meta["status"] == "finished"
+    assert meta["config"] == {"lr": 0.1}
+    assert redis_client.zscore(run.keys.runs(), run.id) is not None
+
+
+def test_unreachable_redis_never_blocks_and_spools(tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    run = cs.init("unit", "offline", redis_url=dead)
+    t0 = time.perf_counter()
+    for step in range(2000):
+        run.log({"train/loss": float(step)}, step=step)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 5.0  # generous: 2000 non-blocking calls, not a benchmark
+    run.finish(timeout=10)
+    stats = run.sender_stats()
+    assert stats["spooled"] > 0
+    assert stats["sent"] == 0
+    assert run._sender is not None and run._sender.spool.pending()
+
+
+def test_redis_restart_mid_run_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    server = EmbeddedRedis(tmp_path / "r", port=port).start()
+    client = redis.Redis(port=port)
+    run = cs.init("unit", "restart", redis_url=server.url)
+    for step in range(300):
+        run.log({"train/loss": float(step)}, step=step)
+    assert run.flush(10)
+    server.stop()
+    for step in range(300, 700):
+        run.log({"train/loss": float(step)}, step=step)
+    time.sleep(1.5)  # the sender fails over to the spool while Redis is down
+    server = EmbeddedRedis(tmp_path / "r", port=port).start()
+    for step in range(700, 1000):
+        run.log({"train/loss": float(step)}, step=step)
+    run.finish(timeout=20)
+    try:
+        assert _steps(client, run) == list(range(1000))
+        assert run.sender_stats()["replayed"] > 0
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_non_numbers_are_dropped_with_a_warning_and_nan_raises_an_event(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    import pytest
+
+    with cs.init("unit", "bad", redis_url=redis_url) as run:
+        with pytest.warns(UserWarning, match="not a number"):
+            run.log({"train/loss": float("nan"), "note": "hello"}, step=0)
+        run.log({"train/loss": float("nan")}, step=1)
+    events = [
+        wire.decode("events", f) for _, f in redis_client.xrange(run.keys.stream(run.id, "events"))
+    ]
+    non_finite = [e for e in events if e["kind"] == "non_finite"]
+    assert len(non_finite) == 1
+    assert non_finite[0]["data"]["name"] == "train/loss"
+    assert _steps(redis_client, run) == [0, 1]
+
+
+def test_disabled_mode_sends_nothing(redis_client: redis.Redis, redis_url: str) -> None:
+    run = cs.init("unit", "off", redis_url=redis_url, mode="disabled")
+    run.log({"x": 1.0}, step=0)
+    run.finish()
+    assert redis_client.dbsize() == 0

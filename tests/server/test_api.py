@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import httpx
+import msgpack
+import pytest
+import redis
+import torch
+from torch import nn
+
+import monitor_agent as cs
+from monitor_agent import wire
+
+
+def _train_and_log(redis_url: str, steps: int) -> cs.Run:
+    torch.manual_seed(random.randrange(10**6))
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    with cs.init("itest", "mlp", config={"lr": 0.05}, redis_url=redis_url) as run:
+        for step in range(steps):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.log({"train/loss": loss.item(), "train/spike": 100.0 if step == 77 else 0.0}, step)
+    return run
+
+
+def _wait_ready(api: httpx.Client, records: int) -> dict[str, object]:
+    deadline = time.monotonic() + 10
+    body: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        body = api.get("/readyz").json()
+        if isinstance(body["records_read"], int) and body["records_read"] >= records:
+            return body
+        time.sleep(0.05)
+    return body
+
+
+def test_training_loop_round_trip(api: httpx.Client, redis_url: str) -> None:
+    run = _train_and_log(redis_url, 200)
+    runs = api.get("/api/runs").json()["runs"]
+    assert [r["run_id"] for r in runs] == [run.id]
+    assert runs[0]["status"] == "finished"
+    assert runs[0]["step"] == 199
+    assert api.get("/api/runs", params={"project": "other"}).json()["runs"] == []
+    assert api.get("/api/runs", params={"q": "mlp"}).json()["runs"][0]["run_id"] == run.id
+
+    meta = api.get(f"/api/runs/{run.id}").json()
+    assert meta["config"] == {"lr": 0.05}
+    assert meta["project"] == "itest"
+
+    full = api.get(f"/api/runs/{run.id}/scalars", params={"names": "train/loss"}).json()
+    series = full["series"]["train/loss"]
+    assert series["step"] == list(range(200))
+    assert "min" not in series
+    assert all(math.isfinite(v) for v in series["value"])
+
+    down = api.get(f"/api/runs/{run.id}/scalars", params={"max_points": 50}).json()["series"]
+    spike = down["train/spike"]
+    assert len(spike["step"]) <= 50
+    # brute force: each returned bucket's min and max equal those of the raw points in it
+    raw = dict(zip(full["series"]["train/loss"]["step"], series["value"], strict=True))
+    loss = down["train/loss"]
+    prev = -1
+    for step, lo, hi in zip(loss["step"], loss["min"], loss["max"], strict=True):
+        bucket = [raw[s] for s in range(prev + 1, step + 1)]
+        assert lo == min(bucket) and hi == max(bucket)
+        prev = step
+    assert max(spike["max"]) == 100.0  # the one-step spike survives downsampling
+
+
+def test_since_returns_only_new_points(api: httpx.Client, redis_url: str) -> None:
+    run = cs.init("itest", "since", redis_url=redis_url)
+    for step in range(50):
+        run.log({"train/loss": float(step)}, step)
+    run.flush()
+    first = api.get(f"/api/runs/{run.id}/scalars").json()
+    assert first["series"]["train/loss"]["step"] == list(range(50))
+    for step in range(50, 80):
+        run.log({"train/loss": float(step)}, step)
+    run.finish()
+    second = api.get(f"/api/runs/{run.id}/scalars", params={"since": first["cursor"]}).json()
+    assert second["series"]["train/loss"]["step"] == list(range(50, 80))
+    third = api.get(f"/api/runs/{run.id}/scalars", params={"since": second["cursor"]}).json()
+    assert third["series"] == {}
+    assert third["cursor"] == second["cursor"]
+
+
+def test_errors_are_json_and_name_the_parameter(api: httpx.Client, redis_url: str) -> None:
+    missing = api.get("/api/runs/nosuchrun")
+    assert missing.status_code == 404
+    assert "nosuchrun" in missing.json()["detail"]
+    assert api.get("/api/runs/bad{id}").status_code == 404
+    assert api.get("/api/nothing-here").status_code == 404
+    run = cs.init("itest", "q", redis_url=redis_url)
+    run.log({"a": 1.0}, 0)
+    run.finish()
+    for params, name in (
+        ({"max_points": "lots"}, "max_points"),
+        ({"max_points": 1}, "max_points"),
+        ({"since": "yesterday"}, "since"),
+    ):
+        resp = api.get(f"/api/runs/{run.id}/scalars", params=params)
+        assert resp.status_code == 422
+        assert any(name in err["loc"] for err in resp.json()["detail"])
+    assert api.get("/api/runs", params={"status": "sleeping"}).status_code == 422
+
+
+@pytest.mark.parametrize("bad", ["garbage", "future", "shape", "oversized"])
+def test_bad_entries_are_skipped_counted_and_do_not_stop_the_reader(
+    api: httpx.Client, redis_url: str, redis_client: redis.Redis, bad: str
+) -> None:
+    run = cs.init("itest", "bad", redis_url=redis_url)
+    run.log({"train/loss": 1.0}, 0)
+    run.flush()
+    key = run.keys.stream(run.id, "scalars")
+    payload = {
+        "garbage": {b"d": b"\xc1\xc1\xc1"},
+        "future": {b"d": msgpack.packb({"v": 99, "step": 1, "t": 0.0, "s": {}})},
+        "shape": {b"d": msgpack.packb({"v": wire.SCHEMA_VERSION, "step": -3, "t": 0, "s": {}})},
+        "oversized": {b"d": b"\x00" * (wire.MAX_RECORD_BYTES + 10)},
+    }[bad]
+    redis_client.xadd(key, payload)
+    time.sleep(0.01)
+    run.log({"train/loss": 2.0}, 2)
+    run.finish()
+    body = _wait_ready(api, 5)
+    assert body["ready"] is True
+    skipped = body["skipped"]
+    assert isinstance(skipped, dict) and skipped["total"] == 1
+    steps = api.get(f"/api/runs/{run.id}/scalars").json()["series"]["train/loss"]["step"]
+    assert steps == [0, 2]
+
+
+def test_openapi_and_docs_are_served(api: httpx.Client) -> None:
+    spec = api.get("/openapi.json").json()
+    assert "/api/runs/{run_id}/scalars" in spec["paths"]
+    assert api.get("/docs").status_code == 200
+    assert api.get("/healthz").json() == {"status": "ok"}
