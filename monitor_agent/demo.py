@@ -7,7 +7,6 @@ statistics never read it.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -75,9 +74,16 @@ def train(
     model = TinyTransformer(p + 1, p)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     loss_fn = nn.CrossEntropyLoss()
-    if watch and hasattr(run, "watch"):
-        with contextlib.suppress(ImportError):
-            run.watch(model, opt, batch_size=len(task.train_y), dataset_size=len(task.train_y))
+    if watch:
+        # Full batch: the batch is the whole training set, so the streaming estimator
+        # (across steps) measures drift rather than sampling noise.
+        run.watch(
+            model,
+            opt,
+            batch_size=len(task.train_y),
+            dataset_size=len(task.train_y),
+            emit_every=10,
+        )
     start = time.perf_counter()
     last: dict[str, float] = {}
     for step in range(steps):

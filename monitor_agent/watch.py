@@ -1,0 +1,404 @@
+"""`Run.watch`: per-layer signal/noise statistics read in an optimizer step pre-hook.
+
+Per step (after backward, before the optimizer changes anything) the monitor gathers the
+sampled coordinates of every watched gradient into one flat vector and updates the
+streaming noise estimate in a few fused kernels. On emitted steps it computes every
+statistic of DESIGN §4.3 on the device and moves them to the host in one transfer.
+
+Estimators (``signal/estimator``): 0 streaming, 1 micro-batch, 2 per-example.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from monitor_agent import signal_stats as st
+from monitor_agent.microbatch import BackwardCounter, MicroBatchCapture, sampled_flat
+from monitor_agent.per_example import PerExampleCapture
+
+NOISE_MODES = ("auto", "streaming", "microbatch", "per_example")
+STREAMING, MICROBATCH, PER_EXAMPLE = 0, 1, 2
+
+
+def _select(
+    model: nn.Module, include: Iterable[str] | None, exclude: Iterable[str] | None
+) -> list[tuple[str, nn.Parameter]]:
+    inc, exc = list(include or []), list(exclude or [])
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if inc and not any(name.startswith(x) for x in inc):
+            continue
+        if any(name.startswith(x) for x in exc):
+            continue
+        out.append((name, p))
+    return out
+
+
+class Monitor:
+    """Gradient statistics of one model/optimizer pair, attached by ``Run.watch``."""
+
+    def __init__(
+        self,
+        run: Any,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        batch_size: int,
+        dataset_size: int | None = None,
+        noise: str = "auto",
+        emit_every: int = 10,
+        sample_fraction: float = 0.01,
+        min_coords: int = 10_000,
+        budget: float | None = None,
+        per_example_every: int = 1,
+        hist_every: int | None = None,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        rho: float = 0.99,
+        beta: float = 0.9,
+        reservoir_steps: int = 100,
+        soft_lambda: float = 1.0,
+        seed: int = 0,
+        keep_snapshot: bool = False,
+    ) -> None:
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise={noise!r}: expected one of {NOISE_MODES}")
+        if batch_size < 2:
+            raise ValueError("batch_size must be at least 2 for a noise estimate")
+        if not 0 < sample_fraction <= 1:
+            raise ValueError("sample_fraction must be in (0, 1]")
+        if emit_every < 1:
+            raise ValueError("emit_every must be >= 1")
+        self.run = run
+        self.model = model
+        self.optimizer = optimizer
+        self.batch_size = batch_size
+        self.dataset_size = dataset_size
+        self.noise = noise
+        self.emit_every = emit_every
+        self.hist_every = hist_every or 10 * emit_every
+        self.budget = budget
+        self.per_example_every = per_example_every
+        self.rho, self.beta = rho, beta
+        self.keep_snapshot = keep_snapshot
+        self.snapshot: dict[str, Any] = {}
+        if dataset_size is None:
+            warnings.warn(
+                "channelscope: watch() without dataset_size reports no population-signal "
+                "fraction and no memorization score",
+                stacklevel=3,
+            )
+        self.gate = st.GateSettings(
+            alpha=1.0,
+            soft_lambda=soft_lambda,
+            alpha_n=st.training_set_alpha(batch_size, dataset_size),
+            reservoir_evals=max(1, math.ceil(reservoir_steps / emit_every)),
+        )
+
+        named = _select(model, include, exclude)
+        if not named:
+            raise ValueError("watch(): no trainable parameters selected")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        device = self.params[0].device
+        self.dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+        gen = torch.Generator().manual_seed(seed)
+        self.idx: list[torch.Tensor | None] = []
+        self.bounds: list[tuple[int, int]] = []
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            m = (
+                n
+                if sample_fraction >= 1
+                else min(n, max(min_coords, math.ceil(sample_fraction * n)))
+            )
+            if m < n:
+                self.idx.append(torch.randperm(n, generator=gen)[:m].sort().values.to(device))
+            else:
+                self.idx.append(None)
+            self.bounds.append((offset, offset + m))
+            offset += m
+        self.n_coords = offset
+        self.seg = torch.cat(
+            [torch.full((hi - lo,), i, dtype=torch.long) for i, (lo, hi) in enumerate(self.bounds)]
+        ).to(device)
+        zeros = torch.zeros(self.n_coords, dtype=self.dtype, device=device)
+        self.s = zeros.clone()
+        self.m = zeros.clone()
+        self.closed_run = torch.zeros(self.n_coords, dtype=torch.int32, device=device)
+        self.nonfinite = torch.zeros((), dtype=self.dtype, device=device)
+        self.n_updates = 0
+        self.stride = 1
+        self.step = 0
+        self._reported_nonfinite = 0.0
+        self._agent_s = 0.0
+        self._window_start = time.perf_counter()
+        self._last_estimator = STREAMING
+
+        self.per_example: PerExampleCapture | None = None
+        if noise == "per_example":
+            self.per_example = PerExampleCapture(model, self.params)
+            self.per_example.active = True
+        self.microbatch: MicroBatchCapture | None = None
+        self.counter: BackwardCounter | None = None
+        if noise == "microbatch":
+            self.microbatch = MicroBatchCapture(self.params, self.idx, self.dtype)
+        elif noise == "auto":
+            self.counter = BackwardCounter(self.params[0])
+        self._handle = optimizer.register_step_pre_hook(self._pre_step)
+        run.update_meta(
+            {
+                "layers": self.names,
+                "settings": {
+                    "noise": noise,
+                    "batch_size": batch_size,
+                    "dataset_size": dataset_size,
+                    "emit_every": emit_every,
+                    "sample_fraction": sample_fraction,
+                    "min_coords": min_coords,
+                    "coords": self.n_coords,
+                    "rho": rho,
+                    "beta": beta,
+                    "budget": budget,
+                    "gate": asdict(self.gate),
+                    "optimizer": type(optimizer).__name__,
+                    "per_example_unsupported": sorted(
+                        n
+                        for n, p in named
+                        if self.per_example is not None and p in self.per_example.unsupported
+                    ),
+                },
+            }
+        )
+
+    # ----- lifecycle ------------------------------------------------------------------
+    def detach(self) -> None:
+        """Remove every hook this monitor installed."""
+        self._handle.remove()
+        for cap in (self.per_example, self.microbatch, self.counter):
+            if cap is not None:
+                cap.remove()
+
+    # ----- per-step work --------------------------------------------------------------
+    def _flat(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+        pieces = []
+        for t, idx, (lo, hi) in zip(tensors, self.idx, self.bounds, strict=True):
+            if t is None:
+                pieces.append(torch.zeros(hi - lo, dtype=self.dtype, device=self.s.device))
+            else:
+                pieces.append(sampled_flat(t.detach(), idx, self.dtype))
+        return torch.cat(pieces)
+
+    def _adam_state(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """Per-parameter optimizer state and group when every watched parameter has
+        Adam-style moments (exp_avg, exp_avg_sq); else None."""
+        states, groups = [], []
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        for p in self.params:
+            state = self.optimizer.state.get(p, {})
+            if "exp_avg" not in state or "exp_avg_sq" not in state:
+                return None
+            states.append(state)
+            groups.append(group_of[id(p)])
+        return states, groups
+
+    def _first_moment(self, adam: Any) -> tuple[torch.Tensor, float, float]:
+        """m_{t−1} before this step, the β of its EMA, and how many steps it has seen."""
+        if adam is None:
+            return self.m, self.beta, float(self.n_updates)
+        states, groups = adam
+        seen = float(states[0].get("step", 0))
+        return self._flat([s["exp_avg"] for s in states]), float(groups[0]["betas"][0]), seen
+
+    def _step_scale(self, adam: Any) -> torch.Tensor:
+        """w: learning rate over the optimizer's per-coordinate denominator."""
+        if adam is None:
+            lr = float(self.optimizer.param_groups[0].get("lr", 1.0))
+            return torch.full((self.n_coords,), lr, dtype=self.dtype, device=self.s.device)
+        states, groups = adam
+        pieces = []
+        for state, group, idx in zip(states, groups, self.idx, strict=True):
+            step = float(state["step"]) if "step" in state else 1.0
+            beta2 = float(group["betas"][1])
+            v = sampled_flat(state["exp_avg_sq"], idx, self.dtype) / (1 - beta2 ** max(step, 1.0))
+            pieces.append(float(group["lr"]) / (v.sqrt() + float(group["eps"])))
+        return torch.cat(pieces)
+
+    def _exact_noise(
+        self, g: torch.Tensor, s_stream: torch.Tensor
+    ) -> tuple[torch.Tensor, int] | None:
+        """ŝ = Σ/(b−1) from an exact estimator this step, and which one; None if none."""
+        if self.microbatch is not None and self.microbatch.micro_batches() >= 2:
+            pieces = [
+                self.microbatch.noise(p, g[lo:hi])
+                for p, (lo, hi) in zip(self.params, self.bounds, strict=True)
+            ]
+            return torch.cat(pieces), MICROBATCH
+        cap = self.per_example
+        if cap is not None and cap.sumsq:
+            pieces = []
+            for p, idx, (lo, hi) in zip(self.params, self.idx, self.bounds, strict=True):
+                if p in cap.sumsq and p not in cap.unsupported and cap.examples.get(p, 0) >= 2:
+                    b = cap.examples[p]
+                    s2 = sampled_flat(cap.sumsq[p], idx, self.dtype)
+                    gk = g[lo:hi]
+                    sigma = (b * s2 - gk * gk).clamp_min(0)
+                    pieces.append(sigma / (b - 1))
+                else:
+                    pieces.append(s_stream[lo:hi])
+            return torch.cat(pieces), PER_EXAMPLE
+        return None
+
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._observe()
+        finally:
+            self._agent_s += time.perf_counter() - t0
+
+    def _observe(self) -> None:
+        step = self.step
+        self.step += 1
+        if self.counter is not None and self.counter.count >= 2 and self.microbatch is None:
+            # Gradient accumulation seen: from the next step on, measure it exactly.
+            self.microbatch = MicroBatchCapture(self.params, self.idx, self.dtype)
+        if self.counter is not None:
+            self.counter.count = 0
+        emit = step % self.emit_every == 0
+        update = step % self.stride == 0
+        if not (emit or update):
+            self._reset_captures(step)
+            return
+        g = self._flat([p.grad for p in self.params])
+        adam = self._adam_state()
+        m_prev, beta, seen = self._first_moment(adam)
+        ok = torch.isfinite(g).all().to(self.dtype)
+        self.nonfinite.add_(1 - ok)
+        g_clean = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        # m̂ including this step, bias-corrected; used by the gate and the population gate.
+        m_hat = (beta * m_prev + (1 - beta) * g_clean) / (1 - beta ** (seen + 1))
+        if update:
+            d = g_clean - m_prev
+            weight = (1 - self.rho) * ok
+            self.s.mul_(1 - weight).add_(d * d * weight)
+            if adam is None:
+                self.m.lerp_(g_clean, (1 - beta) * ok)
+            self.n_updates += 1
+        if emit:
+            self._emit(step, g_clean, m_hat, beta, adam)
+        self._reset_captures(step)
+
+    def _reset_captures(self, step: int) -> None:
+        if self.microbatch is not None:
+            self.microbatch.reset()
+        if self.per_example is not None:
+            self.per_example.reset()
+            self.per_example.active = (step + 1) % self.per_example_every == 0
+
+    def streaming_noise(self, beta: float) -> torch.Tensor:
+        """ŝ from the streaming estimator: the EMA of (g_t − m_{t−1})², bias-corrected
+        for its start, times (1+β)/2 because m_{t−1} carries noise of its own:
+        E[(g − m)²] = σ²/b · 2/(1+β) for a stationary gradient."""
+        start = 1 - self.rho ** max(self.n_updates, 1)
+        return self.s / start * ((1 + beta) / 2)
+
+    def _emit(
+        self, step: int, g: torch.Tensor, m_hat: torch.Tensor, beta: float, adam: Any
+    ) -> None:
+        s_stream = self.streaming_noise(beta)
+        exact = self._exact_noise(g, s_stream)
+        if exact is not None:
+            s, estimator = exact
+            m2 = g * g
+        else:
+            s, estimator = s_stream, STREAMING
+            m2 = m_hat * m_hat
+        self._last_estimator = estimator
+        warm = estimator != STREAMING or self.n_updates * self.stride >= 1 / (1 - self.rho)
+        w = self._step_scale(adam)
+        per_layer, overall = st.layer_statistics(
+            g, s, m2, w, m_hat * m_hat, s, self.closed_run, self.seg, self.bounds,
+            self.batch_size, self.gate,
+        )  # fmt: skip
+        parts = [overall, per_layer.reshape(-1), self.nonfinite.reshape(1)]
+        with_hist = step % self.hist_every == 0
+        if with_hist:
+            parts.append(st.log_snr_histograms(g, s, self.bounds).reshape(-1))
+        if self.keep_snapshot:
+            self.snapshot = {"g": g.clone(), "s": s.clone(), "m2": m2.clone(), "w": w.clone()}
+        host = torch.cat([x.to(torch.float64) for x in parts]).tolist()  # the one transfer
+        self._publish(step, host, estimator, warm, with_hist)
+
+    def _publish(
+        self, step: int, host: list[float], estimator: int, warm: bool, with_hist: bool
+    ) -> None:
+        nf, nl = len(st.LAYER_FIELDS), len(self.params)
+        overall = host[:nf]
+        per_layer = host[nf : nf + nf * nl]
+        nonfinite = host[nf + nf * nl]
+        hist = host[nf + nf * nl + 1 :] if with_hist else []
+        now = time.perf_counter()
+        wall = max(now - self._window_start, 1e-9)
+        overhead = self._agent_s / wall
+        self._agent_s, self._window_start = 0.0, now
+        self._adapt(overhead)
+        stats = self.run.sender_stats()
+        scalars: dict[str, float] = {
+            "agent/overhead": overhead,
+            "agent/dropped": float(stats.get("dropped", 0)),
+            "agent/stride": float(self.stride),
+            "signal/estimator": float(estimator),
+        }
+        if warm:
+            values = dict(zip(st.LAYER_FIELDS, overall, strict=True))
+            for name in st.LAYER_FIELDS:
+                if name == "population_fraction" and self.dataset_size is None:
+                    continue
+                scalars[f"signal/{name}"] = values[name]
+            scalars["signal/occupancy_stderr"] = st.occupancy_stderr(
+                values["occupancy"], self.n_coords
+            )
+            layers = {
+                name: per_layer[i * nl : (i + 1) * nl]
+                for i, name in enumerate(st.LAYER_FIELDS)
+                if not (name == "population_fraction" and self.dataset_size is None)
+            }
+            self.run.emit("layers", {"step": step, "t": time.time(), "l": layers})
+            if hist:
+                bins = len(st.HIST_EDGES) - 1
+                counts = [[int(c) for c in hist[i * bins : (i + 1) * bins]] for i in range(nl)]
+                self.run.emit(
+                    "hist",
+                    {"step": step, "t": time.time(), "edges": st.HIST_EDGES, "counts": counts},
+                )
+        self.run.emit("scalars", {"step": step, "t": time.time(), "s": scalars})
+        if nonfinite > self._reported_nonfinite:
+            self.run.event(
+                "non_finite",
+                f"non-finite gradient in {int(nonfinite - self._reported_nonfinite)} step(s) "
+                f"before step {step}; skipped by the statistics",
+                severity="error",
+                step=step,
+                data={"steps": int(nonfinite)},
+            )
+            self._reported_nonfinite = nonfinite
+
+    def _adapt(self, overhead: float) -> None:
+        """Thin the streaming update when over budget; thicken it when well under."""
+        if self.budget is None:
+            return
+        if overhead > self.budget and self.stride < self.emit_every:
+            self.stride = min(self.stride * 2, self.emit_every)
+        elif overhead < self.budget / 4 and self.stride > 1:
+            self.stride //= 2
