@@ -1,4 +1,5 @@
-"""The run page: header with status and step, and the live training-loss panel.
+"""The run page: header with status and step, the live training loss and the
+signal-channel occupancy.
 
 New points arrive by incremental reads (the API's cursor) and are appended with
 Plotly's extendTraces through the graph's ``extendData``; history is never re-sent.
@@ -15,6 +16,7 @@ from dashboard import figures
 from dashboard.api_client import ApiClient, ApiError
 
 LOSS_TRACES = ("train/loss",)
+SIGNAL_TRACES = ("signal/occupancy", "signal/occupancy_soft", "signal/population_fraction")
 
 
 def layout(run_id: str, refresh_ms: int, max_points: int) -> html.Div:
@@ -47,6 +49,25 @@ def layout(run_id: str, refresh_ms: int, max_points: int) -> html.Div:
                 ],
                 className="panel",
             ),
+            html.Div(
+                [
+                    html.P(
+                        "Signal-channel occupancy: the share of gradient coordinates whose "
+                        "batch signal exceeds its leave-one-out noise (hard gate, soft gate), "
+                        "and the share above the training-set noise floor. Falling occupancy "
+                        "means more of each step is noise the network can only memorize.",
+                        className="explain",
+                    ),
+                    dcc.Graph(
+                        id="signal-graph",
+                        figure=figures.series_figure(
+                            "signal-channel occupancy", SIGNAL_TRACES, y_title="fraction"
+                        ),
+                        config={"displaylogo": False},
+                    ),
+                ],
+                className="panel",
+            ),
             dcc.Interval(id="run-tick", interval=refresh_ms, n_intervals=0),
         ]
     )
@@ -70,6 +91,7 @@ def register(app: Dash, api: ApiClient) -> None:
 
     @app.callback(
         Output("loss-graph", "extendData"),
+        Output("signal-graph", "extendData"),
         Output("run-cursor", "data"),
         Output("run-step", "children"),
         Output("run-status", "children"),
@@ -84,13 +106,21 @@ def register(app: Dash, api: ApiClient) -> None:
             meta = await api.get(f"/api/runs/{run_id}")
             data = await api.get(
                 f"/api/runs/{run_id}/scalars",
-                names=",".join(LOSS_TRACES),
+                names=",".join(LOSS_TRACES + SIGNAL_TRACES),
                 since=cursor,
                 max_points=max_points,
             )
         except ApiError as exc:
-            return dash.no_update, cursor, dash.no_update, f"error: {exc.detail}", exc.status == 404
-        payload = figures.extend_payload(LOSS_TRACES, data["series"])
-        extend = (payload[0], payload[1], max_points) if payload else dash.no_update
-        done = meta["status"] in ("finished", "crashed") and payload is None
-        return extend, data["cursor"], str(meta["step"]), meta["status"], done
+            error = f"error: {exc.detail}"
+            return dash.no_update, dash.no_update, cursor, dash.no_update, error, exc.status == 404
+        loss = figures.extend_payload(LOSS_TRACES, data["series"])
+        signal = figures.extend_payload(SIGNAL_TRACES, data["series"])
+        done = meta["status"] in ("finished", "crashed") and loss is None and signal is None
+        return (
+            (loss[0], loss[1], max_points) if loss else dash.no_update,
+            (signal[0], signal[1], max_points) if signal else dash.no_update,
+            data["cursor"],
+            str(meta["step"]),
+            meta["status"],
+            done,
+        )

@@ -1,29 +1,47 @@
 from __future__ import annotations
 
-import math
 import threading
 import time
+
+import torch
+from torch import nn
 
 import monitor_agent as cs
 from tests.conftest import LiveServer
 from tests.dashboard.browser import browser_page, screenshot
 
-POINTS_JS = """() => {
-  const el = document.querySelector('#loss-graph .js-plotly-plot');
+
+def points_js(graph: str) -> str:
+    return f"""() => {{
+  const el = document.querySelector('#{graph} .js-plotly-plot');
   return el && el.data && el.data[0] ? el.data[0].x.length : 0;
-}"""
+}}"""
+
+
+POINTS_JS = points_js("loss-graph")
 
 
 def test_runs_page_to_live_run_page(live_server: LiveServer, redis_url: str) -> None:
     run = cs.init("browser", "live-run", config={"lr": 0.01}, redis_url=redis_url)
     stop = threading.Event()
 
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    run.watch(model, opt, batch_size=32, dataset_size=256, noise="per_example", emit_every=5)
+    x, y = torch.randn(256, 10), torch.randint(0, 3, (256,))
+
     def write() -> None:
         step = 0
-        while not stop.is_set() and step < 2000:
-            run.log({"train/loss": math.exp(-step / 200) + 0.01}, step=step)
+        while not stop.is_set() and step < 3000:
+            idx = torch.randint(0, 256, (32,))
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.log({"train/loss": loss.item()}, step=step)
             step += 1
-            time.sleep(0.01)
+            time.sleep(0.005)
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
@@ -39,6 +57,7 @@ def test_runs_page_to_live_run_page(live_server: LiveServer, redis_url: str) -> 
             first = page.evaluate(POINTS_JS)
             page.wait_for_function(f"({POINTS_JS})() > {first}", timeout=15_000)
             second = page.evaluate(POINTS_JS)
+            page.wait_for_function(f"({points_js('signal-graph')})() > 0", timeout=15_000)
             step_text = page.inner_text("#run-step")
             screenshot(page, "run-page")
             assert second > first > 0
