@@ -18,13 +18,15 @@ import torch
 from torch import nn
 
 
-def sampled_flat(t: torch.Tensor, idx: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The chosen coordinates of a (possibly sparse) tensor as a flat vector of dtype."""
+def sampled_flat(t: torch.Tensor, idx: slice | None, dtype: torch.dtype) -> torch.Tensor:
+    """The chosen coordinates (a strided slice of the flattened tensor, or all) of a
+    possibly sparse tensor as a flat vector of dtype. A slice is a view: the copy happens
+    once, where the caller concatenates."""
     if t.is_sparse:
         t = t.coalesce().to_dense()
     flat = t.reshape(-1)
     if idx is not None:
-        flat = flat.index_select(0, idx)
+        flat = flat[idx]
     return flat.to(dtype)
 
 
@@ -32,7 +34,7 @@ class MicroBatchCapture:
     """Accumulates Σ_j h_j² and K per parameter across the backwards of one step."""
 
     def __init__(
-        self, params: list[nn.Parameter], idx: list[torch.Tensor | None], dtype: torch.dtype
+        self, params: list[nn.Parameter], idx: list[slice | None], dtype: torch.dtype
     ) -> None:
         self.params = params
         self.idx = dict(zip(params, idx, strict=True))

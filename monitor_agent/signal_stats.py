@@ -79,7 +79,6 @@ def layer_statistics(
     """Per-layer statistics (rows of LAYER_FIELDS × layers) and the overall ones
     (one value per field), as two device tensors. ``closed_run`` counts, per coordinate,
     how many evaluations in a row its gate was closed; it is updated in place."""
-    n = len(bounds)
     g2 = g * g
     is_open = m2 > gate.alpha * s
     q = soft_gate(m2, s, gate.alpha, gate.soft_lambda)
@@ -102,9 +101,9 @@ def layer_statistics(
             persistent,
         ]
     )
-    per_layer_sums = torch.zeros(columns.shape[0], n, dtype=g.dtype, device=g.device)
-    per_layer_sums.index_add_(1, seg, columns)
-    total_sums = columns.sum(dim=1)
+    # Layers are contiguous ranges: one sum per slice is far cheaper than a scatter.
+    per_layer_sums = torch.stack([columns[:, lo:hi].sum(dim=1) for lo, hi in bounds], dim=1)
+    total_sums = per_layer_sums.sum(dim=1)
 
     def assemble(sums: torch.Tensor, count: torch.Tensor, gsnr: torch.Tensor) -> torch.Tensor:
         (occ, soft, qg2, g2s, wloo, wg2, loo, ss, pop, pers) = sums

@@ -11,6 +11,7 @@ Estimators (``signal/estimator``): 0 streaming, 1 micro-batch, 2 per-example.
 from __future__ import annotations
 
 import math
+import random
 import time
 import warnings
 from collections.abc import Iterable
@@ -44,6 +45,24 @@ def _select(
     return out
 
 
+def _coordinate_sample(
+    shape: torch.Size, fraction: float, min_coords: int, rng: random.Random
+) -> slice | None:
+    """A fixed systematic sample of a tensor's flattened coordinates: a random start and
+    a stride coprime to the row length, so every column and (for long tensors) every row
+    is visited. A slice keeps the per-step gather a strided view instead of a random
+    gather kernel. None means every coordinate."""
+    n = math.prod(shape)
+    m = n if fraction >= 1 else min(n, max(min_coords, math.ceil(fraction * n)))
+    if m >= n:
+        return None
+    stride = max(2, n // m)
+    row = shape[-1] if len(shape) > 1 else 1
+    while math.gcd(stride, row) != 1:
+        stride += 1
+    return slice(rng.randrange(stride), n, stride)
+
+
 class Monitor:
     """Gradient statistics of one model/optimizer pair, attached by ``Run.watch``."""
 
@@ -59,7 +78,7 @@ class Monitor:
         emit_every: int = 10,
         sample_fraction: float = 0.01,
         min_coords: int = 10_000,
-        budget: float | None = None,
+        budget: float | None = 0.03,
         per_example_every: int = 1,
         hist_every: int | None = None,
         include: Iterable[str] | None = None,
@@ -112,21 +131,14 @@ class Monitor:
         self.params = [p for _, p in named]
         device = self.params[0].device
         self.dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
-        gen = torch.Generator().manual_seed(seed)
-        self.idx: list[torch.Tensor | None] = []
+        rng = random.Random(seed)
+        self.idx: list[slice | None] = []
         self.bounds: list[tuple[int, int]] = []
         offset = 0
         for p in self.params:
-            n = p.numel()
-            m = (
-                n
-                if sample_fraction >= 1
-                else min(n, max(min_coords, math.ceil(sample_fraction * n)))
-            )
-            if m < n:
-                self.idx.append(torch.randperm(n, generator=gen)[:m].sort().values.to(device))
-            else:
-                self.idx.append(None)
+            sl = _coordinate_sample(p.shape, sample_fraction, min_coords, rng)
+            m = p.numel() if sl is None else len(range(p.numel())[sl])
+            self.idx.append(sl)
             self.bounds.append((offset, offset + m))
             offset += m
         self.n_coords = offset
@@ -145,6 +157,7 @@ class Monitor:
         self._agent_s = 0.0
         self._window_start = time.perf_counter()
         self._last_estimator = STREAMING
+        self._adam_cache: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
 
         self.per_example: PerExampleCapture | None = None
         if noise == "per_example":
@@ -202,7 +215,10 @@ class Monitor:
 
     def _adam_state(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         """Per-parameter optimizer state and group when every watched parameter has
-        Adam-style moments (exp_avg, exp_avg_sq); else None."""
+        Adam-style moments (exp_avg, exp_avg_sq); else None. Cached once complete: the
+        optimizer keeps the same state dicts for the life of a parameter."""
+        if self._adam_cache is not None:
+            return self._adam_cache
         states, groups = [], []
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         for p in self.params:
@@ -211,7 +227,8 @@ class Monitor:
                 return None
             states.append(state)
             groups.append(group_of[id(p)])
-        return states, groups
+        self._adam_cache = (states, groups)
+        return self._adam_cache
 
     def _first_moment(self, adam: Any) -> tuple[torch.Tensor, float, float]:
         """m_{t−1} before this step, the β of its EMA, and how many steps it has seen."""

@@ -176,7 +176,7 @@ def test_streaming_estimator_on_a_stationary_problem(
     with cs.init("t", "streaming", redis_url=redis_url) as run:
         mon = run.watch(
             model, opt, batch_size=b, dataset_size=10**6, sample_fraction=1.0,
-            emit_every=50, keep_snapshot=True,
+            emit_every=50, keep_snapshot=True, budget=None,
         )  # fmt: skip
         for _ in range(1001):
             param.grad = mu + noise_sd * torch.randn(n)
@@ -195,7 +195,7 @@ def test_non_finite_gradient_is_reported_and_does_not_poison_state(
     model = nn.Linear(5, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with cs.init("t", "nan", redis_url=redis_url) as run:
-        mon = run.watch(model, opt, batch_size=8, dataset_size=100, emit_every=5)
+        mon = run.watch(model, opt, batch_size=8, dataset_size=100, emit_every=5, budget=None)
         for step in range(20):
             loss = model(torch.randn(8, 5)).pow(2).mean()
             if step == 7:
