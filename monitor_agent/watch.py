@@ -142,6 +142,7 @@ class Monitor:
             self.bounds.append((offset, offset + m))
             offset += m
         self.n_coords = offset
+        self.full_coverage = all(sl is None for sl in self.idx)
         self.seg = torch.cat(
             [torch.full((hi - lo,), i, dtype=torch.long) for i, (lo, hi) in enumerate(self.bounds)]
         ).to(device)
@@ -157,6 +158,8 @@ class Monitor:
         self._agent_s = 0.0
         self._window_start = time.perf_counter()
         self._last_estimator = STREAMING
+        self._w: torch.Tensor | None = None
+        self._w_kind = False
         self._adam_cache: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
 
         self.per_example: PerExampleCapture | None = None
@@ -231,8 +234,12 @@ class Monitor:
         return self._adam_cache
 
     def _first_moment(self, adam: Any) -> tuple[torch.Tensor, float, float]:
-        """m_{t−1} before this step, the β of its EMA, and how many steps it has seen."""
-        if adam is None:
+        """m_{t−1} before this step, the β of its EMA, and how many steps it has seen.
+
+        With full coverage Adam's exp_avg is reused (no parameter-sized buffer of our
+        own); on a coordinate sample our own EMA of the sample is cheaper than gathering
+        exp_avg every step, and its memory is the sample's size."""
+        if adam is None or not self.full_coverage:
             return self.m, self.beta, float(self.n_updates)
         states, groups = adam
         seen = float(states[0].get("step", 0))
@@ -300,7 +307,8 @@ class Monitor:
         g = self._flat([p.grad for p in self.params])
         adam = self._adam_state()
         m_prev, beta, seen = self._first_moment(adam)
-        ok = torch.isfinite(g).all().to(self.dtype)
+        # One reduction: a NaN or Inf anywhere makes the sum non-finite.
+        ok = torch.isfinite(g.sum()).to(self.dtype)
         self.nonfinite.add_(1 - ok)
         g_clean = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         # m̂ including this step, bias-corrected; used by the gate and the population gate.
@@ -309,7 +317,7 @@ class Monitor:
             d = g_clean - m_prev
             weight = (1 - self.rho) * ok
             self.s.mul_(1 - weight).add_(d * d * weight)
-            if adam is None:
+            if adam is None or not self.full_coverage:
                 self.m.lerp_(g_clean, (1 - beta) * ok)
             self.n_updates += 1
         if emit:
@@ -343,13 +351,17 @@ class Monitor:
             m2 = m_hat * m_hat
         self._last_estimator = estimator
         warm = estimator != STREAMING or self.n_updates * self.stride >= 1 / (1 - self.rho)
-        w = self._step_scale(adam)
+        with_hist = step % self.hist_every == 0
+        # v̂ is a slow EMA (β2 ≈ 0.999): refreshing w with the histograms is enough.
+        if self._w is None or with_hist or self._w_kind != (adam is not None):
+            self._w = self._step_scale(adam)
+            self._w_kind = adam is not None
+        w = self._w
         per_layer, overall = st.layer_statistics(
             g, s, m2, w, m_hat * m_hat, s, self.closed_run, self.seg, self.bounds,
             self.batch_size, self.gate,
         )  # fmt: skip
         parts = [overall, per_layer.reshape(-1), self.nonfinite.reshape(1)]
-        with_hist = step % self.hist_every == 0
         if with_hist:
             parts.append(st.log_snr_histograms(g, s, self.bounds).reshape(-1))
         if self.keep_snapshot:
