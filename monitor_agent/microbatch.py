@@ -64,10 +64,13 @@ class MicroBatchCapture:
         """K: the number of backwards seen this step (the smallest over parameters)."""
         return min((self.count.get(p, 0) for p in self.params), default=0)
 
-    def noise(self, p: nn.Parameter, g: torch.Tensor) -> torch.Tensor:
-        """Var_biased(u)/(K−1) for the sampled coordinates of p, given ḡ = g."""
+    def noise(
+        self, p: nn.Parameter, g: torch.Tensor, unscale: torch.Tensor | float = 1.0
+    ) -> torch.Tensor:
+        """Var_biased(u)/(K−1) for the sampled coordinates of p, given ḡ = g; ``unscale``
+        (1/scale² under a GradScaler) brings the hooks' squares to g's scale."""
         k = self.count[p]
-        var_b = (k * self.sumsq[p] - g * g).clamp_min(0)
+        var_b = (k * self.sumsq[p] * unscale - g * g).clamp_min(0)
         return var_b / (k - 1)
 
     def reset(self) -> None:

@@ -69,6 +69,7 @@ class Run:
         mode: str | None = None,
         prefix: str | None = None,
         maxlen: int = wire.DEFAULT_MAXLEN,
+        all_ranks: bool = False,
     ) -> None:
         if not wire.valid_project(project):
             raise ValueError(f"project {project!r}: use letters, digits, '_', '-', '.'")
@@ -78,6 +79,10 @@ class Run:
         mode = os.environ.get(ENV_MODE) or mode or "online"
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+        # Under torchrun every rank computes the same statistics; only rank 0 publishes.
+        self.rank = int(os.environ.get("RANK", "0") or 0)
+        if self.rank != 0 and not all_ranks:
+            mode = "disabled"
         self.id = run_id
         self.project = project
         self.name = name

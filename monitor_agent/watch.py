@@ -56,11 +56,26 @@ def _coordinate_sample(
     m = n if fraction >= 1 else min(n, max(min_coords, math.ceil(fraction * n)))
     if m >= n:
         return None
-    stride = max(2, n // m)
+    stride = n // m
     row = shape[-1] if len(shape) > 1 else 1
-    while math.gcd(stride, row) != 1:
-        stride += 1
+    # Stepping the stride down keeps at least m coordinates.
+    while stride > 1 and math.gcd(stride, row) != 1:
+        stride -= 1
+    if stride <= 1:
+        return None
     return slice(rng.randrange(stride), n, stride)
+
+
+def _is_distributed(model: nn.Module) -> bool:
+    """True for a DistributedDataParallel model in a process group of several ranks."""
+    import torch.distributed as dist
+
+    return (
+        isinstance(model, nn.parallel.DistributedDataParallel)
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() >= 2
+    )
 
 
 class Monitor:
@@ -89,6 +104,7 @@ class Monitor:
         soft_lambda: float = 1.0,
         seed: int = 0,
         keep_snapshot: bool = False,
+        grad_scaler: Any = None,
     ) -> None:
         if noise not in NOISE_MODES:
             raise ValueError(f"noise={noise!r}: expected one of {NOISE_MODES}")
@@ -110,6 +126,7 @@ class Monitor:
         self.per_example_every = per_example_every
         self.rho, self.beta = rho, beta
         self.keep_snapshot = keep_snapshot
+        self.grad_scaler = grad_scaler
         self.snapshot: dict[str, Any] = {}
         if dataset_size is None:
             warnings.warn(
@@ -168,7 +185,12 @@ class Monitor:
             self.per_example.active = True
         self.microbatch: MicroBatchCapture | None = None
         self.counter: BackwardCounter | None = None
-        if noise == "microbatch":
+        self.ranks: Any = None
+        if noise in ("auto", "microbatch") and _is_distributed(model):
+            from monitor_agent.ranks import RankCapture
+
+            self.ranks = RankCapture(model, self.params, self.idx, self.dtype)  # type: ignore[arg-type]
+        elif noise == "microbatch":
             self.microbatch = MicroBatchCapture(self.params, self.idx, self.dtype)
         elif noise == "auto":
             self.counter = BackwardCounter(self.params[0])
@@ -259,13 +281,30 @@ class Monitor:
             pieces.append(float(group["lr"]) / (v.sqrt() + float(group["eps"])))
         return torch.cat(pieces)
 
+    def _unscale_squares(self) -> torch.Tensor | float:
+        """1/scale²: hooks saw gradients of the scaled loss, p.grad is unscaled by now."""
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return 1.0
+        scale = self.grad_scaler._get_scale_async()
+        if scale is None:
+            return 1.0
+        inv: torch.Tensor = 1.0 / (scale.to(self.dtype) ** 2)
+        return inv
+
     def _exact_noise(
         self, g: torch.Tensor, s_stream: torch.Tensor
     ) -> tuple[torch.Tensor, int] | None:
         """ŝ = Σ/(b−1) from an exact estimator this step, and which one; None if none."""
+        if self.ranks is not None and self.ranks.ready():
+            pieces = [
+                self.ranks.noise(p, g[lo:hi])
+                for p, (lo, hi) in zip(self.params, self.bounds, strict=True)
+            ]
+            return torch.cat(pieces), MICROBATCH
+        unscale = self._unscale_squares()
         if self.microbatch is not None and self.microbatch.micro_batches() >= 2:
             pieces = [
-                self.microbatch.noise(p, g[lo:hi])
+                self.microbatch.noise(p, g[lo:hi], unscale)
                 for p, (lo, hi) in zip(self.params, self.bounds, strict=True)
             ]
             return torch.cat(pieces), MICROBATCH
@@ -275,7 +314,7 @@ class Monitor:
             for p, idx, (lo, hi) in zip(self.params, self.idx, self.bounds, strict=True):
                 if p in cap.sumsq and p not in cap.unsupported and cap.examples.get(p, 0) >= 2:
                     b = cap.examples[p]
-                    s2 = sampled_flat(cap.sumsq[p], idx, self.dtype)
+                    s2 = sampled_flat(cap.sumsq[p], idx, self.dtype) * unscale
                     gk = g[lo:hi]
                     sigma = (b * s2 - gk * gk).clamp_min(0)
                     pieces.append(sigma / (b - 1))
@@ -325,6 +364,8 @@ class Monitor:
         self._reset_captures(step)
 
     def _reset_captures(self, step: int) -> None:
+        if self.ranks is not None:
+            self.ranks.reset()
         if self.microbatch is not None:
             self.microbatch.reset()
         if self.per_example is not None:
@@ -381,10 +422,10 @@ class Monitor:
         wall = max(now - self._window_start, 1e-9)
         overhead = self._agent_s / wall
         self._agent_s, self._window_start = 0.0, now
-        self._adapt(overhead)
+        if step > 0:
+            self._adapt(overhead)
         stats = self.run.sender_stats()
         scalars: dict[str, float] = {
-            "agent/overhead": overhead,
             "agent/dropped": float(stats.get("dropped", 0)),
             "agent/stride": float(self.stride),
             "signal/estimator": float(estimator),
@@ -411,6 +452,8 @@ class Monitor:
                     "hist",
                     {"step": step, "t": time.time(), "edges": st.HIST_EDGES, "counts": counts},
                 )
+        if step > 0:  # the first window holds no whole training step to compare with
+            scalars["agent/overhead"] = overhead
         self.run.emit("scalars", {"step": step, "t": time.time(), "s": scalars})
         if nonfinite > self._reported_nonfinite:
             self.run.event(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -16,7 +16,14 @@ import monitor_agent as cs
 from monitor_agent import wire
 from monitor_agent.watch import Monitor
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64() -> Iterator[None]:
+    """Every test here runs in float64; the default is restored for other modules."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class Attention(nn.Module):

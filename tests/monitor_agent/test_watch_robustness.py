@@ -1,0 +1,137 @@
+"""watch() on the awkward cases: sampling, budgets, low precision, sparse and frozen."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import redis
+import torch
+from torch import nn
+
+import monitor_agent as cs
+from monitor_agent import wire
+from monitor_agent.watch import Monitor
+
+
+def _scalars(client: redis.Redis, run: cs.Run) -> list[dict[str, float]]:
+    return [
+        wire.decode("scalars", f)["s"] for _, f in client.xrange(run.keys.stream(run.id, "scalars"))
+    ]
+
+
+def _train(
+    model: nn.Module, opt: torch.optim.Optimizer, steps: int, x: torch.Tensor, y: torch.Tensor
+) -> None:
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (32,))
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_coordinate_sample_is_fixed_spread_and_reports_its_stderr(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    torch.manual_seed(random.randrange(10**9))
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 4))
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x, y = torch.randn(512, 300), torch.randint(0, 4, (512,))
+    with cs.init("t", "sample", redis_url=redis_url) as run:
+        mon = run.watch(
+            model, opt, batch_size=32, dataset_size=512, noise="per_example",
+            sample_fraction=0.01, min_coords=1000, emit_every=5, budget=None,
+        )  # fmt: skip
+        assert isinstance(mon, Monitor)
+        sl = mon.idx[0]
+        assert sl is not None
+        cols = {i % 300 for i in range(60_000)[sl]}
+        assert len(cols) == 300  # every input column is visited
+        assert mon.bounds[0][1] - mon.bounds[0][0] >= 1000
+        assert mon.idx[1] is None  # a small tensor is covered fully
+        _train(model, opt, 20, x, y)
+    last = _scalars(redis_client, run)[-1]
+    occ = last["signal/occupancy"]
+    assert last["signal/occupancy_stderr"] == pytest.approx(
+        math.sqrt(occ * (1 - occ) / mon.n_coords)
+    )
+
+
+def test_budget_thins_the_schedule_and_overhead_is_reported(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    model = nn.Sequential(nn.Linear(50, 50), nn.Tanh(), nn.Linear(50, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(256, 50), torch.randint(0, 4, (256,))
+    with cs.init("t", "budget", redis_url=redis_url) as run:
+        # an impossible budget: the agent must thin to its sparsest schedule
+        mon = run.watch(model, opt, batch_size=32, dataset_size=256, emit_every=8, budget=1e-9)
+        _train(model, opt, 80, x, y)
+        assert mon.stride == 8
+    rows = _scalars(redis_client, run)
+    assert "agent/overhead" not in rows[0]
+    assert all(0 <= r["agent/overhead"] < 1 for r in rows[1:])
+    assert rows[-1]["agent/stride"] == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_give_finite_statistics(
+    dtype: torch.dtype, redis_url: str, redis_client: redis.Redis
+) -> None:
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 3)).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(128, 20, dtype=dtype), torch.randint(0, 3, (128,))
+    with cs.init("t", "lowp", redis_url=redis_url) as run:
+        run.watch(model, opt, batch_size=32, dataset_size=128, noise="per_example", emit_every=5)
+        _train(model, opt, 10, x, y)
+    last = _scalars(redis_client, run)[-1]
+    assert math.isfinite(last["signal/occupancy"])
+    assert last["signal/estimator"] == 2.0
+
+
+def test_grad_scaler_statistics_use_unscaled_gradients() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    snaps = []
+    for scale in (1.0, 2.0**12):
+        torch.manual_seed(1)
+        model = nn.Linear(8, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        run = cs.init("t", "scaler", mode="disabled")
+        mon = run.watch(
+            model, opt, batch_size=64, dataset_size=640, noise="per_example",
+            sample_fraction=1.0, emit_every=1, keep_snapshot=True, grad_scaler=scaler,
+        )  # fmt: skip
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        snaps.append(mon.snapshot)
+        run.finish()
+    torch.testing.assert_close(snaps[0]["g"], snaps[1]["g"])
+    torch.testing.assert_close(snaps[0]["s"], snaps[1]["s"], rtol=1e-4, atol=1e-10)
+
+
+def test_sparse_embedding_frozen_layers_and_missing_gradients() -> None:
+    emb = nn.Embedding(100, 8, sparse=True)
+    frozen = nn.Linear(8, 8)
+    frozen.requires_grad_(False)
+    unused = nn.Linear(8, 8)
+    head = nn.Linear(8, 3)
+    model = nn.ModuleDict({"emb": emb, "frozen": frozen, "unused": unused, "head": head})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = cs.init("t", "sparse", mode="disabled")
+    mon = run.watch(model, opt, batch_size=16, dataset_size=160, emit_every=1, keep_snapshot=True)
+    assert isinstance(mon, Monitor)
+    assert not any(n.startswith("frozen") for n in mon.names)
+    for _ in range(3):
+        tokens = torch.randint(0, 100, (16,))
+        out = head(frozen(emb(tokens)))
+        nn.functional.cross_entropy(out, torch.randint(0, 3, (16,))).backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(mon.snapshot["g"]).all()
+    lo, hi = mon.bounds[mon.names.index("unused.weight")]
+    assert mon.snapshot["g"][lo:hi].abs().sum() == 0
+    run.finish()
