@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from monitor_agent import signal_stats as st
+from monitor_agent.kernel import ProbeKernel
 from monitor_agent.microbatch import BackwardCounter, MicroBatchCapture, sampled_flat
 from monitor_agent.per_example import PerExampleCapture
+from monitor_agent.spectrum import GramianTracker, SpectrumSchedule, collect_probe
 
 NOISE_MODES = ("auto", "streaming", "microbatch", "per_example")
 STREAMING, MICROBATCH, PER_EXAMPLE = 0, 1, 2
@@ -105,6 +107,14 @@ class Monitor:
         seed: int = 0,
         keep_snapshot: bool = False,
         grad_scaler: Any = None,
+        probe: Any = None,
+        spectrum_every: int | str = 500,
+        k: int = 16,
+        projections: int | str = 4,
+        probe_size: int = 256,
+        probe_loss: str | None = None,
+        exact_max: int = 4096,
+        sketch_size: int | None = None,
     ) -> None:
         if noise not in NOISE_MODES:
             raise ValueError(f"noise={noise!r}: expected one of {NOISE_MODES}")
@@ -194,6 +204,21 @@ class Monitor:
             self.microbatch = MicroBatchCapture(self.params, self.idx, self.dtype)
         elif noise == "auto":
             self.counter = BackwardCounter(self.params[0])
+        self.kernel: ProbeKernel | None = None
+        self.gramian: GramianTracker | None = None
+        self.schedule: SpectrumSchedule | None = None
+        self._lrs: list[float] = []
+        self._spectrum_s = 0.0
+        if probe is not None:
+            inputs, targets = collect_probe(probe, probe_size)
+            self.kernel = ProbeKernel(
+                model, inputs.to(device), targets.to(device),
+                projections=projections, loss=probe_loss, seed=seed,
+            )  # fmt: skip
+            self.gramian = GramianTracker(
+                self.kernel, k, exact_max=exact_max, sketch_size=sketch_size, seed=seed
+            )
+            self.schedule = SpectrumSchedule(spectrum_every, budget or 0.03)
         self._handle = optimizer.register_step_pre_hook(self._pre_step)
         run.update_meta(
             {
@@ -211,6 +236,14 @@ class Monitor:
                     "budget": budget,
                     "gate": asdict(self.gate),
                     "optimizer": type(optimizer).__name__,
+                    "spectrum": None
+                    if self.kernel is None
+                    else {
+                        **self.kernel.describe(),
+                        "k": k,
+                        "every": spectrum_every,
+                        "path": "exact" if self.gramian and self.gramian.exact else "sketch",
+                    },
                     "per_example_unsupported": sorted(
                         n
                         for n, p in named
@@ -338,6 +371,12 @@ class Monitor:
             self.microbatch = MicroBatchCapture(self.params, self.idx, self.dtype)
         if self.counter is not None:
             self.counter.count = 0
+        if self.schedule is not None:
+            # The parameters now reflect the updates of steps 0 … step−1, whose learning
+            # rates are in the window; this step's rate joins the next window.
+            if self.schedule.due(step):
+                self._update_spectrum(step)
+            self._lrs.append(float(self.optimizer.param_groups[0].get("lr", 0.0)))
         emit = step % self.emit_every == 0
         update = step % self.stride == 0
         if not (emit or update):
@@ -362,6 +401,56 @@ class Monitor:
         if emit:
             self._emit(step, g_clean, m_hat, beta, adam)
         self._reset_captures(step)
+
+    def _preconditioner(self) -> dict[str, torch.Tensor] | None:
+        """M as full tensors by parameter name: 1/(√v̂+ε) for Adam-style optimizers, None
+        (the identity) for others."""
+        adam = self._adam_state()
+        if adam is None or self.kernel is None:
+            return None
+        by_param = {}
+        for p, state, group in zip(self.params, adam[0], adam[1], strict=True):
+            step = max(float(state.get("step", 1)), 1.0)
+            v_hat = state["exp_avg_sq"] / (1 - float(group["betas"][1]) ** step)
+            by_param[id(p)] = 1.0 / (v_hat.sqrt() + float(group["eps"]))
+        out = {}
+        for name, p in self.kernel.model.named_parameters():
+            if p.requires_grad:
+                out[name] = by_param.get(id(p), torch.ones_like(p))
+        return out
+
+    def _update_spectrum(self, step: int) -> None:
+        assert self.gramian is not None and self.schedule is not None
+        t0 = time.perf_counter()
+        # The probe's forward passes must not feed the per-example capture.
+        capturing = self.per_example is not None and self.per_example.active
+        if self.per_example is not None:
+            self.per_example.active = False
+        try:
+            report = self.gramian.update(self._lrs, self._preconditioner())
+        finally:
+            if self.per_example is not None:
+                self.per_example.active = capturing
+        self._lrs = []
+        cost = time.perf_counter() - t0
+        self._spectrum_s += cost
+        amortized = self.schedule.done(step, cost)
+        now = time.time()
+        self.run.emit(
+            "spectrum",
+            {
+                "step": step,
+                "t": now,
+                "w_eigs": report.w_eigs,
+                "kernel_eigs": report.kernel_eigs,
+                "method": report.method,
+                "probe_size": report.probe_size,
+            },
+        )
+        scalars = {f"spectrum/{k}": v for k, v in report.scalars.items()}
+        scalars["spectrum/cost_s"] = cost
+        scalars["agent/spectrum_overhead"] = amortized
+        self.run.emit("scalars", {"step": step, "t": now, "s": scalars})
 
     def _reset_captures(self, step: int) -> None:
         if self.ranks is not None:
@@ -421,9 +510,10 @@ class Monitor:
         now = time.perf_counter()
         wall = max(now - self._window_start, 1e-9)
         overhead = self._agent_s / wall
-        self._agent_s, self._window_start = 0.0, now
+        stats_overhead = (self._agent_s - self._spectrum_s) / wall
+        self._agent_s, self._spectrum_s, self._window_start = 0.0, 0.0, now
         if step > 0:
-            self._adapt(overhead)
+            self._adapt(stats_overhead)
         stats = self.run.sender_stats()
         scalars: dict[str, float] = {
             "agent/dropped": float(stats.get("dropped", 0)),

@@ -142,3 +142,45 @@ def test_openapi_and_docs_are_served(api: httpx.Client) -> None:
     assert "/api/runs/{run_id}/scalars" in spec["paths"]
     assert api.get("/docs").status_code == 200
     assert api.get("/healthz").json() == {"status": "ok"}
+
+
+def test_watched_run_serves_layers_histograms_and_spectrum(
+    api: httpx.Client, redis_url: str
+) -> None:
+    torch.manual_seed(random.randrange(10**6))
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(128, 8), torch.randint(0, 3, (128,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with cs.init("itest", "watched", redis_url=redis_url) as run:
+        run.watch(
+            model, opt, batch_size=16, dataset_size=128, noise="per_example", emit_every=5,
+            hist_every=10, probe=(x[:16], y[:16]), spectrum_every=10, k=4,
+        )  # fmt: skip
+        for step in range(31):
+            idx = torch.randint(0, 128, (16,))
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.log({"train/loss": loss.item()}, step)
+    meta = api.get(f"/api/runs/{run.id}").json()
+    assert meta["layers"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert meta["settings"]["noise"] == "per_example"
+    layers = api.get(f"/api/runs/{run.id}/layers", params={"names": "occupancy"}).json()
+    occ = layers["series"]["occupancy"]
+    assert occ["step"] == [0, 5, 10, 15, 20, 25, 30]
+    assert all(len(v) == 4 and all(0 <= o <= 1 for o in v) for v in occ["value"])
+    hist = api.get(f"/api/runs/{run.id}/hist").json()
+    assert [e["step"] for e in hist["entries"]] == [0, 10, 20, 30]
+    assert len(hist["entries"][0]["counts"]) == 4
+    spectrum = api.get(f"/api/runs/{run.id}/spectrum").json()
+    assert [e["step"] for e in spectrum["entries"]] == [10, 20, 30]
+    assert spectrum["entries"][0]["method"] == "exact"
+    scalars = api.get(
+        f"/api/runs/{run.id}/scalars", params={"names": "spectrum/d_sig,signal/occupancy"}
+    )
+    series = scalars.json()["series"]
+    assert series["spectrum/d_sig"]["step"] == [10, 20, 30]
+    assert len(series["signal/occupancy"]["step"]) == 7
+    again = api.get(f"/api/runs/{run.id}/spectrum", params={"since": spectrum["cursor"]}).json()
+    assert again["entries"] == []

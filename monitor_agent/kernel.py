@@ -1,0 +1,162 @@
+"""Kernel-vector products of the preconditioned eNTK on a fixed probe (DESIGN §4.4).
+
+K̃ = J M Jᵀ / n_p, with J the Jacobian of the probe's (projected) outputs with respect to
+the trainable parameters and M the optimizer's diagonal preconditioner. A product K̃v is
+one VJP (u = Jᵀ v) and one JVP (J M u) through ``torch.func.functional_call``. The model
+is evaluated in eval mode (no dropout, BatchNorm running statistics), under a forked RNG,
+and torch.func never touches ``.grad``: the training state is left as it was.
+
+Outputs are projected to R random Rademacher directions (scaled by 1/√R) when there are
+many of them, or reduced to the true-class logit. The kernel is defined for the loss
+½ mean_i ‖f(x_i) − y_i‖²: for that loss, gradient descent moves the probe residual by
+r ← (I − η K̃) r. For cross-entropy the output Hessian is left out and the result is an
+approximation (the run meta says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp, vmap
+
+
+@contextmanager
+def probe_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and a forked RNG for the duration; every module's flag is restored."""
+    flags = [(m, m.training) for m in model.modules()]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        model.eval()
+        try:
+            yield
+        finally:
+            for m, flag in flags:
+                m.train(flag)
+
+
+class ProbeKernel:
+    """Matrix-free access to K̃ on a fixed probe of training examples."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        projections: int | str = 4,
+        loss: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = (
+            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        )
+        self.inputs = inputs
+        self.targets = targets
+        self.loss = loss or ("cross_entropy" if not targets.is_floating_point() else "mse")
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        with torch.no_grad(), probe_mode(self.model):
+            out = self.model(inputs)
+        self.n_probe = inputs.shape[0]
+        self.n_out = out[0].numel()
+        gen = torch.Generator().manual_seed(seed)
+        self.true_class = projections == "true_class"
+        if self.true_class:
+            if self.loss != "cross_entropy":
+                raise ValueError("projections='true_class' needs class-index targets")
+            self.proj: torch.Tensor | None = None
+            self.r = 1
+        elif isinstance(projections, int) and projections < self.n_out:
+            signs = torch.randint(0, 2, (self.n_out, projections), generator=gen) * 2 - 1
+            self.proj = (signs / projections**0.5).to(out.dtype).to(out.device)
+            self.r = projections
+        else:
+            self.proj = None
+            self.r = self.n_out
+        self.size = self.n_probe * self.r
+
+    @property
+    def approximate(self) -> bool:
+        """True when the kernel leaves out the loss's output Hessian (cross-entropy)."""
+        return self.loss != "mse"
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_buffers())
+
+    def _project(self, out: torch.Tensor) -> torch.Tensor:
+        flat = out.reshape(self.n_probe, -1)
+        if self.true_class:
+            return flat.gather(1, self.targets.reshape(-1, 1)).reshape(-1)
+        if self.proj is not None:
+            flat = flat @ self.proj
+        return flat.reshape(-1)
+
+    def _fz(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = functional_call(self.model, (params, self._buffers()), (self.inputs,))
+        return self._project(out)
+
+    def residual(self) -> torch.Tensor:
+        """The probe residual in the projected output space: f − y (MSE) or softmax − onehot."""
+        with torch.no_grad(), probe_mode(self.model):
+            out = self.model(self.inputs).reshape(self.n_probe, -1)
+        if self.loss == "mse":
+            res = out - self.targets.reshape(self.n_probe, -1).to(out.dtype)
+        else:
+            onehot = torch.zeros_like(out).scatter_(1, self.targets.reshape(-1, 1), 1.0)
+            res = torch.softmax(out, dim=1) - onehot
+        return self._project(res)
+
+    def matvec(
+        self, v: torch.Tensor, precond: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """K̃ v for one vector v of size n_p·R."""
+        return self.matmat(v.reshape(-1, 1), precond).reshape(-1)
+
+    def matmat(
+        self, vs: torch.Tensor, precond: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """K̃ V for the columns of V (size n_p·R × c), batched with vmap."""
+        params = self._params()
+        with probe_mode(self.model):
+            _, pull = vjp(self._fz, params)[:2]
+
+            def one(v: torch.Tensor) -> torch.Tensor:
+                (u,) = pull(v)
+                if precond is not None:
+                    u = {n: u[n] * precond[n] for n in u}
+                out = jvp(self._fz, (params,), (u,))[1]
+                result: torch.Tensor = out / self.n_probe
+                return result
+
+            cols: torch.Tensor = vmap(one, in_dims=1, out_dims=1)(vs.to(self._dtype()))
+        return cols
+
+    def explicit(
+        self, precond: dict[str, torch.Tensor] | None = None, chunk: int = 64
+    ) -> torch.Tensor:
+        """The full K̃ (n_p·R square), built from products in chunks of columns."""
+        n = self.size
+        eye = torch.eye(n, dtype=self._dtype(), device=self.inputs.device)
+        cols = [self.matmat(eye[:, lo : lo + chunk], precond) for lo in range(0, n, chunk)]
+        k = torch.cat(cols, dim=1)
+        return (k + k.T) / 2
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def describe(self) -> dict[str, Any]:
+        """Settings for the run meta."""
+        return {
+            "probe_size": self.n_probe,
+            "outputs": self.n_out,
+            "projections": "true_class" if self.true_class else self.r,
+            "loss": self.loss,
+            "approximation": self.approximate,
+            "kernel": "J M J^T / n_p of the projected outputs, M = optimizer preconditioner",
+        }
