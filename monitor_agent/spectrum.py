@@ -68,7 +68,7 @@ class GramianTracker:
         kernel: ProbeKernel,
         k: int,
         *,
-        exact_max: int = 4096,
+        exact_max: int = 512,
         sketch_size: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -138,7 +138,8 @@ class GramianTracker:
             lambda v: self.kernel.matvec(v, precond),
             self.n,
             self.k,
-            tol=1e-6,
+            tol=1e-4,
+            max_iter=3 * self.k + 20,
             start=self.ritz,
             dtype=self.dtype,
             device=self.sketch.device,

@@ -108,12 +108,12 @@ class Monitor:
         keep_snapshot: bool = False,
         grad_scaler: Any = None,
         probe: Any = None,
-        spectrum_every: int | str = 500,
+        spectrum_every: int | str = "auto",
         k: int = 16,
         projections: int | str = 4,
         probe_size: int = 256,
         probe_loss: str | None = None,
-        exact_max: int = 4096,
+        exact_max: int = 512,
         sketch_size: int | None = None,
     ) -> None:
         if noise not in NOISE_MODES:

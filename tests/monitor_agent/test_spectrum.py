@@ -233,3 +233,20 @@ def test_sketch_path_for_large_probes() -> None:
     torch.testing.assert_close(eigs, nys, rtol=1e-6, atol=1e-8)
     assert (eigs <= torch.linalg.eigvalsh(what).flip(0)[:4] + 1e-8).all()
     run.finish()
+
+
+def test_auto_schedule_keeps_the_amortized_cost_under_budget() -> None:
+    from monitor_agent.spectrum import SpectrumSchedule
+
+    sched = SpectrumSchedule("auto", budget=0.03)
+    assert sched.every == 500
+    assert not sched.due(499)
+    assert sched.due(500)
+    sched.last_time -= 5.0  # 500 steps took 5 s in all: 10 ms a step
+    sched.done(500, cost_s=1.5)  # one update costs 150 steps
+    # 1.5 s / (0.03 * ~7 ms) ≈ 7000 steps between updates
+    assert 4000 < sched.every < 9000
+    assert not sched.due(500 + sched.every - 1)
+    assert sched.due(500 + sched.every)
+    with pytest.raises(ValueError, match="spectrum_every"):
+        SpectrumSchedule(0, budget=0.03)

@@ -1,0 +1,1 @@
+"""Benchmarks: each runs its baseline side by side in one process and reports ratios."""
