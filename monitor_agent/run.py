@@ -215,6 +215,8 @@ class Run:
                 )
         if values:
             self.emit("scalars", {"step": step, "t": time.time(), "s": values})
+            if self._monitor is not None and "train/loss" in values:
+                self._monitor.observe_loss(values["train/loss"])
 
     def event(
         self,

@@ -23,9 +23,15 @@ from torch import nn
 
 from monitor_agent import signal_stats as st
 from monitor_agent.kernel import ProbeKernel
+from monitor_agent.memorization import (
+    MemorizationTracker,
+    OnsetSettings,
+    TailStatistics,
+    probe_losses,
+)
 from monitor_agent.microbatch import BackwardCounter, MicroBatchCapture, sampled_flat
 from monitor_agent.per_example import PerExampleCapture
-from monitor_agent.spectrum import GramianTracker, SpectrumSchedule, collect_probe
+from monitor_agent.spectrum import GramianTracker, SpectrumReport, SpectrumSchedule, collect_probe
 
 NOISE_MODES = ("auto", "streaming", "microbatch", "per_example")
 STREAMING, MICROBATCH, PER_EXAMPLE = 0, 1, 2
@@ -115,6 +121,7 @@ class Monitor:
         probe_loss: str | None = None,
         exact_max: int = 512,
         sketch_size: int | None = None,
+        memorization: OnsetSettings | dict[str, Any] | None = None,
     ) -> None:
         if noise not in NOISE_MODES:
             raise ValueError(f"noise={noise!r}: expected one of {NOISE_MODES}")
@@ -219,6 +226,24 @@ class Monitor:
                 self.kernel, k, exact_max=exact_max, sketch_size=sketch_size, seed=seed
             )
             self.schedule = SpectrumSchedule(spectrum_every, budget or 0.03)
+        self._probe: tuple[torch.Tensor, torch.Tensor, str] | None = None
+        if self.kernel is not None:
+            self._probe = (self.kernel.inputs, self.kernel.targets, self.kernel.loss)
+        onset = (
+            memorization
+            if isinstance(memorization, OnsetSettings)
+            else OnsetSettings(**(memorization or {}))
+        )
+        chance = None
+        if self.kernel is not None and self.kernel.loss == "cross_entropy":
+            chance = math.log(self.kernel.n_out)
+        if onset.score == "tail" and chance is None:
+            # Without a classification probe there is no chance level to disagree with.
+            onset = OnsetSettings(**{**asdict(onset), "score": "gradient"})
+        self.tracker: MemorizationTracker | None = None
+        if dataset_size is not None:
+            self.tracker = MemorizationTracker(self.gate.alpha_n, chance, onset)
+        self._last_emit_step = 0
         self._handle = optimizer.register_step_pre_hook(self._pre_step)
         run.update_meta(
             {
@@ -244,6 +269,7 @@ class Monitor:
                         "every": spectrum_every,
                         "path": "exact" if self.gramian and self.gramian.exact else "sketch",
                     },
+                    "memorization": asdict(onset) if self.tracker is not None else None,
                     "per_example_unsupported": sorted(
                         n
                         for n, p in named
@@ -422,15 +448,11 @@ class Monitor:
     def _update_spectrum(self, step: int) -> None:
         assert self.gramian is not None and self.schedule is not None
         t0 = time.perf_counter()
-        # The probe's forward passes must not feed the per-example capture.
-        capturing = self.per_example is not None and self.per_example.active
-        if self.per_example is not None:
-            self.per_example.active = False
-        try:
-            report = self.gramian.update(self._lrs, self._preconditioner())
-        finally:
-            if self.per_example is not None:
-                self.per_example.active = capturing
+        reports: list[SpectrumReport] = []
+        self._capture_off(
+            lambda: reports.append(self.gramian.update(self._lrs, self._preconditioner()))
+        )
+        report = reports[0]
         self._lrs = []
         cost = time.perf_counter() - t0
         self._spectrum_s += cost
@@ -491,22 +513,67 @@ class Monitor:
             g, s, m2, w, m_hat * m_hat, s, self.closed_run, self.seg, self.bounds,
             self.batch_size, self.gate,
         )  # fmt: skip
-        parts = [overall, per_layer.reshape(-1), self.nonfinite.reshape(1)]
+        m2_pop = m_hat * m_hat
+        parts: dict[str, torch.Tensor] = {
+            "overall": overall,
+            "per_layer": per_layer.reshape(-1),
+            "nonfinite": self.nonfinite.reshape(1),
+            # T = Σ w m̂² and Q = Σ w (m̂² − α_n ŝ): the rates of §4.5
+            "tq": torch.stack([(w * m2_pop).sum(), (w * (m2_pop - self.gate.alpha_n * s)).sum()]),
+        }
         if with_hist:
-            parts.append(st.log_snr_histograms(g, s, self.bounds).reshape(-1))
+            parts["hist"] = st.log_snr_histograms(g, s, self.bounds).reshape(-1)
+        if (
+            self.tracker is not None
+            and self._probe is not None
+            and step % self.tracker.settings.probe_every == 0
+        ):
+            inputs, targets, loss = self._probe
+            self._capture_off(
+                lambda: parts.__setitem__("tail", self._tail_tensor(inputs, targets, loss))
+            )
         if self.keep_snapshot:
             self.snapshot = {"g": g.clone(), "s": s.clone(), "m2": m2.clone(), "w": w.clone()}
-        host = torch.cat([x.to(torch.float64) for x in parts]).tolist()  # the one transfer
-        self._publish(step, host, estimator, warm, with_hist)
+        names = list(parts)
+        sizes = [parts[n].numel() for n in names]
+        flat = torch.cat([parts[n].to(torch.float64) for n in names]).tolist()  # the one transfer
+        host: dict[str, list[float]] = {}
+        offset = 0
+        for n, size in zip(names, sizes, strict=True):
+            host[n] = flat[offset : offset + size]
+            offset += size
+        self._publish(step, host, estimator, warm)
 
-    def _publish(
-        self, step: int, host: list[float], estimator: int, warm: bool, with_hist: bool
-    ) -> None:
-        nf, nl = len(st.LAYER_FIELDS), len(self.params)
-        overall = host[:nf]
-        per_layer = host[nf : nf + nf * nl]
-        nonfinite = host[nf + nf * nl]
-        hist = host[nf + nf * nl + 1 :] if with_hist else []
+    def _tail_tensor(self, inputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+        """[median, q75, q90, H] of the probe losses, on the device."""
+        losses = probe_losses(self.model, inputs, targets, loss).float()
+        levels = torch.tensor([0.5, 0.75, 0.9], dtype=losses.dtype, device=losses.device)
+        qs = torch.quantile(losses, levels)
+        chance = self.tracker.chance_loss if self.tracker is not None else None
+        h = (
+            (losses > chance).float().mean()
+            if chance is not None
+            else torch.zeros((), device=losses.device)
+        )
+        return torch.cat([qs, h.reshape(1)])
+
+    def _capture_off(self, fn: Any) -> None:
+        """Run fn with the per-example capture paused (probe passes must not feed it)."""
+        capturing = self.per_example is not None and self.per_example.active
+        if self.per_example is not None:
+            self.per_example.active = False
+        try:
+            fn()
+        finally:
+            if self.per_example is not None:
+                self.per_example.active = capturing
+
+    def _publish(self, step: int, host: dict[str, list[float]], estimator: int, warm: bool) -> None:
+        nl = len(self.params)
+        overall = host["overall"]
+        per_layer = host["per_layer"]
+        nonfinite = host["nonfinite"][0]
+        hist = host.get("hist", [])
         now = time.perf_counter()
         wall = max(now - self._window_start, 1e-9)
         overhead = self._agent_s / wall
@@ -544,6 +611,8 @@ class Monitor:
                 )
         if step > 0:  # the first window holds no whole training step to compare with
             scalars["agent/overhead"] = overhead
+        if warm and self.tracker is not None:
+            scalars.update(self._memorization(step, host))
         self.run.emit("scalars", {"step": step, "t": time.time(), "s": scalars})
         if nonfinite > self._reported_nonfinite:
             self.run.event(
@@ -555,6 +624,44 @@ class Monitor:
                 data={"steps": int(nonfinite)},
             )
             self._reported_nonfinite = nonfinite
+
+    def _memorization(self, step: int, host: dict[str, list[float]]) -> dict[str, float]:
+        """Feed the tracker this window's rates and probe summaries; publish its events."""
+        tracker = self.tracker
+        assert tracker is not None
+        window = max(step - self._last_emit_step, 1)
+        self._last_emit_step = step
+        lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        t_rate, q_rate = host["tq"]
+        tracker.observe_gradient(t_rate, q_rate, lr, window)
+        out = {
+            "memorization/train_progress": tracker.train_progress,
+            "memorization/population_progress": tracker.population_progress,
+            "memorization/gradient_score": tracker.gradient_score(),
+        }
+        if "tail" in host:
+            med, q75, q90, h = host["tail"]
+            tracker.observe_tail(TailStatistics(med, q75, q90, h), tracker.settings.probe_every)
+            out.update(
+                {
+                    "memorization/probe_loss_median": med,
+                    "memorization/probe_loss_q75": q75,
+                    "memorization/probe_loss_q90": q90,
+                    "memorization/disagree_fraction": h,
+                }
+            )
+        out["memorization/tail_score"] = tracker.tail_score()
+        out["memorization/score"] = tracker.score()
+        for ev in tracker.step_onset(step):
+            self.run.event(
+                ev["kind"], ev["message"], severity=ev["severity"], step=ev["step"], data=ev["data"]
+            )
+        return out
+
+    def observe_loss(self, value: float) -> None:
+        """The training loss the user logs (``train/loss``), for the onset rule."""
+        if self.tracker is not None:
+            self.tracker.observe_loss(value)
 
     def _adapt(self, overhead: float) -> None:
         """Thin the streaming update when over budget; thicken it when well under."""

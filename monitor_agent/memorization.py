@@ -1,0 +1,220 @@
+"""Memorization onset without validation data (DESIGN §4.5).
+
+Two families of evidence are computed side by side on every emitted step:
+
+* **gradient**: the design's starting score. With m̂ the first-moment EMA, ŝ the batch
+  noise and α_n = b/(n−b) the training-set floor, T = Σ w m̂² (train progress rate) and
+  Q = Σ w (m̂² − α_n ŝ) (population progress rate); M_grad = clip(1 − Q̄/T̄, 0, 1) with
+  bars EMAs over ``ema_steps``. Cumulating η·Q and η·T gives the estimated population-
+  and train-progress curves.
+* **tail** (the default score, chosen on the experiments in experiments/REPORT.md): on
+  the fixed training probe, H = the fraction of examples whose loss exceeds the chance
+  level ln C (the network confidently disagrees with their label). Once the bulk of
+  the probe is fitted (median loss below ``fitted_loss``), H is frozen as the reference
+  H_ref; a network that then drives H down is fitting the examples it disagreed with,
+  which generalizes nothing: M_tail = clip((H_ref − H̄)/H_ref, 0, 1). A reference below
+  ``min_reference`` (too few disagreeing examples to speak of) keeps the score at 0.
+
+The onset rule is the design's: after warm-up, *arm* when the score is at least θ_on
+while the training loss still falls; *fire* after P consecutive emitted windows (the
+onset step is the first); *clear* when the score stays at most θ_off for P windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from monitor_agent.kernel import probe_mode
+
+SCORES = ("tail", "gradient")
+
+
+@dataclass(frozen=True)
+class OnsetSettings:
+    """Constants of the onset rule and of the scores (documented defaults)."""
+
+    score: str = "tail"
+    theta_on: float = 0.3
+    theta_off: float = 0.1
+    patience: int = 5
+    warmup_steps: int = 200
+    ema_steps: int = 100
+    fitted_loss: float = 0.25
+    min_reference: float = 0.05
+    probe_every: int = 50
+
+
+@dataclass
+class OnsetState:
+    """Where the onset state machine is."""
+
+    armed_since: int | None = None
+    fired: bool = False
+    onset_step: int | None = None
+    clear_count: int = 0
+    held: int = 0
+
+
+def probe_losses(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss: str
+) -> torch.Tensor:
+    """Per-example losses on the probe in eval mode (no grad, RNG untouched)."""
+    with torch.no_grad(), probe_mode(model):
+        out = model(inputs).reshape(inputs.shape[0], -1)
+        if loss == "cross_entropy":
+            per: torch.Tensor = nn.functional.cross_entropy(
+                out, targets.reshape(-1), reduction="none"
+            )
+            return per
+        diff = out - targets.reshape(inputs.shape[0], -1).to(out.dtype)
+        half_sq: torch.Tensor = 0.5 * (diff * diff).sum(dim=1)
+        return half_sq
+
+
+@dataclass
+class TailStatistics:
+    """Quantiles of the probe losses and the disagreeing fraction H."""
+
+    median: float
+    q75: float
+    q90: float
+    disagree: float
+
+
+@dataclass
+class MemorizationTracker:
+    """EMAs, progress curves, scores and the onset state machine of one run."""
+
+    alpha_n: float
+    chance_loss: float | None
+    settings: OnsetSettings = field(default_factory=OnsetSettings)
+    t_bar: float = 0.0
+    q_bar: float = 0.0
+    ema_weight: float = 0.0
+    population_progress: float = 0.0
+    train_progress: float = 0.0
+    h_bar: float | None = None
+    h_ref: float | None = None
+    last_tail: TailStatistics | None = None
+    loss_ema: float | None = None
+    loss_ema_prev: float | None = None
+    state: OnsetState = field(default_factory=OnsetState)
+
+    @property
+    def enabled(self) -> bool:
+        """False without a finite training set: nothing can be memorized."""
+        return self.alpha_n > 0
+
+    def observe_loss(self, value: float) -> None:
+        """Feed the training loss the user logs (for the 'still falling' condition)."""
+        if not math.isfinite(value):
+            return
+        a = 0.05
+        self.loss_ema = value if self.loss_ema is None else (1 - a) * self.loss_ema + a * value
+
+    def observe_gradient(self, t_rate: float, q_rate: float, lr: float, steps: int) -> None:
+        """Feed T and Q of an emitted step; ``steps`` is the window since the last one."""
+        if not (math.isfinite(t_rate) and math.isfinite(q_rate)):
+            return
+        a = min(1.0, steps / max(self.settings.ema_steps, 1))
+        self.t_bar = (1 - a) * self.t_bar + a * t_rate
+        self.q_bar = (1 - a) * self.q_bar + a * q_rate
+        self.ema_weight = (1 - a) * self.ema_weight + a
+        self.population_progress += lr * q_rate * steps
+        self.train_progress += lr * t_rate * steps
+
+    def observe_tail(self, tail: TailStatistics, steps: int) -> None:
+        """Feed the probe-loss summaries (on the probe schedule)."""
+        self.last_tail = tail
+        a = min(1.0, steps / max(self.settings.ema_steps, 1))
+        self.h_bar = (
+            tail.disagree if self.h_bar is None else (1 - a) * self.h_bar + a * tail.disagree
+        )
+        if self.h_ref is None and tail.median < self.settings.fitted_loss:
+            self.h_ref = self.h_bar
+
+    def gradient_score(self) -> float:
+        """M_grad = clip(1 − Q̄/T̄, 0, 1); 0 without a finite training set."""
+        if not self.enabled or self.t_bar <= 0:
+            return 0.0
+        return min(1.0, max(0.0, 1.0 - self.q_bar / self.t_bar))
+
+    def tail_score(self) -> float:
+        """M_tail = clip((H_ref − H̄)/H_ref, 0, 1); 0 before a reference or below its floor."""
+        if not self.enabled or self.h_ref is None or self.h_bar is None:
+            return 0.0
+        if self.h_ref < self.settings.min_reference:
+            return 0.0
+        return min(1.0, max(0.0, (self.h_ref - self.h_bar) / self.h_ref))
+
+    def score(self) -> float:
+        """The score the onset rule uses (``settings.score``)."""
+        return self.tail_score() if self.settings.score == "tail" else self.gradient_score()
+
+    def loss_falling(self) -> bool:
+        """True while the training-loss EMA still decreases (or nothing was logged)."""
+        if self.loss_ema is None or self.loss_ema_prev is None:
+            return True
+        return self.loss_ema < self.loss_ema_prev
+
+    def step_onset(self, step: int) -> list[dict[str, Any]]:
+        """Advance the onset rule by one emitted window; returns events to publish."""
+        s, st = self.settings, self.state
+        score = self.score()
+        falling = self.loss_falling()
+        self.loss_ema_prev = self.loss_ema
+        events: list[dict[str, Any]] = []
+        if step < s.warmup_steps or not self.enabled:
+            return events
+        evidence = {
+            "score": score,
+            "score_kind": s.score,
+            "gradient_score": self.gradient_score(),
+            "tail_score": self.tail_score(),
+            "disagree_fraction": self.h_bar,
+            "disagree_reference": self.h_ref,
+            "train_loss_ema": self.loss_ema,
+            "train_loss_falling": falling,
+            "settings": asdict(s),
+        }
+        if not st.fired:
+            if score >= s.theta_on and (falling or st.armed_since is not None):
+                if st.armed_since is None:
+                    st.armed_since = step
+                st.held += 1
+                if st.held >= s.patience:
+                    st.fired, st.onset_step, st.clear_count = True, st.armed_since, 0
+                    events.append(
+                        {
+                            "kind": "memorization_onset",
+                            "severity": "warning",
+                            "step": st.armed_since,
+                            "message": f"memorization onset at step {st.armed_since}: "
+                            f"{s.score} score {score:.2f} ≥ {s.theta_on} for {s.patience} windows",
+                            "data": {**evidence, "onset_step": st.armed_since, "fired_at": step},
+                        }
+                    )
+            else:
+                st.armed_since, st.held = None, 0
+        elif score <= s.theta_off:
+            st.clear_count += 1
+            if st.clear_count >= s.patience:
+                events.append(
+                    {
+                        "kind": "memorization_cleared",
+                        "severity": "info",
+                        "step": step,
+                        "message": f"memorization cleared at step {step} "
+                        f"(onset was step {st.onset_step})",
+                        "data": {**evidence, "onset_step": st.onset_step},
+                    }
+                )
+                self.state = OnsetState()
+        else:
+            st.clear_count = 0
+        return events
