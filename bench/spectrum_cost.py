@@ -45,7 +45,7 @@ def measure(w: Workload, probe: int, device: torch.device, repeats: int) -> dict
     rss0 = _rss_mb()
     mon = run.watch(
         model, opt, batch_size=w.batch_size, dataset_size=50_000,
-        probe=(px, py), spectrum_every=10**9, k=16, probe_loss="mse",
+        probe=(px, py), probe_size=probe, spectrum_every=10**9, k=16, probe_loss="mse",
     )  # fmt: skip
 
     def step() -> float:

@@ -50,14 +50,41 @@ class OnsetSettings:
 
 
 @dataclass
-class OnsetState:
-    """Where the onset state machine is."""
+class OnsetRule:
+    """The onset state machine, on any score series: arm when score ≥ θ_on while the
+    training loss falls, fire after P consecutive windows (onset = the first), clear after
+    P consecutive windows with score ≤ θ_off."""
 
+    theta_on: float
+    theta_off: float
+    patience: int
     armed_since: int | None = None
+    held: int = 0
     fired: bool = False
     onset_step: int | None = None
     clear_count: int = 0
-    held: int = 0
+
+    def advance(self, step: int, score: float, falling: bool) -> str | None:
+        """One emitted window; returns 'onset', 'cleared' or None."""
+        if not self.fired:
+            if score >= self.theta_on and (falling or self.armed_since is not None):
+                if self.armed_since is None:
+                    self.armed_since = step
+                self.held += 1
+                if self.held >= self.patience:
+                    self.fired, self.onset_step, self.clear_count = True, self.armed_since, 0
+                    return "onset"
+            else:
+                self.armed_since, self.held = None, 0
+            return None
+        if score <= self.theta_off:
+            self.clear_count += 1
+            if self.clear_count >= self.patience:
+                self.fired, self.armed_since, self.held, self.clear_count = False, None, 0, 0
+                return "cleared"
+        else:
+            self.clear_count = 0
+        return None
 
 
 def probe_losses(
@@ -103,12 +130,13 @@ class MemorizationTracker:
     last_tail: TailStatistics | None = None
     loss_ema: float | None = None
     loss_ema_prev: float | None = None
-    state: OnsetState = field(default_factory=OnsetState)
+    rule: OnsetRule | None = None
 
-    @property
-    def enabled(self) -> bool:
-        """False without a finite training set: nothing can be memorized."""
-        return self.alpha_n > 0
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.rule = OnsetRule(s.theta_on, s.theta_off, s.patience)
+
+    enabled: bool = True  # False without a finite training set: nothing can be memorized
 
     def observe_loss(self, value: float) -> None:
         """Feed the training loss the user logs (for the 'still falling' condition)."""
@@ -164,13 +192,16 @@ class MemorizationTracker:
 
     def step_onset(self, step: int) -> list[dict[str, Any]]:
         """Advance the onset rule by one emitted window; returns events to publish."""
-        s, st = self.settings, self.state
+        s, rule = self.settings, self.rule
+        assert rule is not None
         score = self.score()
         falling = self.loss_falling()
         self.loss_ema_prev = self.loss_ema
-        events: list[dict[str, Any]] = []
         if step < s.warmup_steps or not self.enabled:
-            return events
+            return []
+        change = rule.advance(step, score, falling)
+        if change is None:
+            return []
         evidence = {
             "score": score,
             "score_kind": s.score,
@@ -180,41 +211,27 @@ class MemorizationTracker:
             "disagree_reference": self.h_ref,
             "train_loss_ema": self.loss_ema,
             "train_loss_falling": falling,
+            "onset_step": rule.onset_step,
             "settings": asdict(s),
         }
-        if not st.fired:
-            if score >= s.theta_on and (falling or st.armed_since is not None):
-                if st.armed_since is None:
-                    st.armed_since = step
-                st.held += 1
-                if st.held >= s.patience:
-                    st.fired, st.onset_step, st.clear_count = True, st.armed_since, 0
-                    events.append(
-                        {
-                            "kind": "memorization_onset",
-                            "severity": "warning",
-                            "step": st.armed_since,
-                            "message": f"memorization onset at step {st.armed_since}: "
-                            f"{s.score} score {score:.2f} ≥ {s.theta_on} for {s.patience} windows",
-                            "data": {**evidence, "onset_step": st.armed_since, "fired_at": step},
-                        }
-                    )
-            else:
-                st.armed_since, st.held = None, 0
-        elif score <= s.theta_off:
-            st.clear_count += 1
-            if st.clear_count >= s.patience:
-                events.append(
-                    {
-                        "kind": "memorization_cleared",
-                        "severity": "info",
-                        "step": step,
-                        "message": f"memorization cleared at step {step} "
-                        f"(onset was step {st.onset_step})",
-                        "data": {**evidence, "onset_step": st.onset_step},
-                    }
-                )
-                self.state = OnsetState()
-        else:
-            st.clear_count = 0
-        return events
+        if change == "onset":
+            return [
+                {
+                    "kind": "memorization_onset",
+                    "severity": "warning",
+                    "step": rule.onset_step,
+                    "message": f"memorization onset at step {rule.onset_step}: {s.score} score "
+                    f"{score:.2f} ≥ {s.theta_on} for {s.patience} windows",
+                    "data": {**evidence, "fired_at": step},
+                }
+            ]
+        return [
+            {
+                "kind": "memorization_cleared",
+                "severity": "info",
+                "step": step,
+                "message": f"memorization cleared at step {step} "
+                f"(onset was step {rule.onset_step})",
+                "data": evidence,
+            }
+        ]

@@ -242,6 +242,8 @@ class Monitor:
             onset = OnsetSettings(**{**asdict(onset), "score": "gradient"})
         self.tracker: MemorizationTracker | None = None
         if dataset_size is not None:
+            # Full batch (n ≤ b) has no training-set floor (α_n = 0, gradient score 0),
+            # but a finite set can still be memorized: the tail score stays enabled.
             self.tracker = MemorizationTracker(self.gate.alpha_n, chance, onset)
         self._last_emit_step = 0
         self._handle = optimizer.register_step_pre_hook(self._pre_step)

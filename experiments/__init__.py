@@ -1,0 +1,1 @@
+"""Scientific validation of the memorization indicator against held-out ground truth."""

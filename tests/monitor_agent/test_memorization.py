@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+import redis
+import torch
+from torch import nn
+
+import monitor_agent as cs
+from monitor_agent import wire
+from monitor_agent.memorization import MemorizationTracker, OnsetRule, OnsetSettings, TailStatistics
+
+
+def test_onset_rule_arms_fires_and_clears_with_hysteresis() -> None:
+    rule = OnsetRule(theta_on=0.5, theta_off=0.2, patience=3)
+    scores = [0.1, 0.6, 0.1, 0.6, 0.7, 0.8, 0.9, 0.4, 0.1, 0.1, 0.3, 0.1, 0.1, 0.1]
+    changes = [(i, rule.advance(i, s, True)) for i, s in enumerate(scores)]
+    fired = [(i, c) for i, c in changes if c]
+    assert fired == [(5, "onset"), (13, "cleared")]
+    # onset is the first window of the run that fired, not the window it fired in
+    rule2 = OnsetRule(0.5, 0.2, 3)
+    for i, s in enumerate(scores[:6]):
+        rule2.advance(i, s, True)
+    assert rule2.onset_step == 3
+
+
+def test_onset_needs_a_falling_training_loss_to_arm() -> None:
+    rule = OnsetRule(0.5, 0.2, 2)
+    assert [rule.advance(i, 0.9, False) for i in range(5)] == [None] * 5
+    assert [rule.advance(i, 0.9, True) for i in range(5, 7)] == [None, "onset"]
+
+
+def test_tail_score_tracks_the_disagreeing_fraction_after_the_bulk_is_fitted() -> None:
+    tracker = MemorizationTracker(0.05, chance_loss=2.3, settings=OnsetSettings(ema_steps=1))
+    tracker.observe_tail(TailStatistics(median=1.5, q75=2.0, q90=3.0, disagree=0.4), 50)
+    assert tracker.h_ref is None  # bulk not fitted yet
+    tracker.observe_tail(TailStatistics(0.1, 1.0, 5.0, 0.2), 50)
+    assert tracker.h_ref == pytest.approx(0.2)
+    tracker.observe_tail(TailStatistics(0.05, 0.5, 4.0, 0.1), 50)
+    assert tracker.tail_score() == pytest.approx(0.5)
+    small = MemorizationTracker(0.05, 2.3, OnsetSettings(ema_steps=1, min_reference=0.3))
+    small.observe_tail(TailStatistics(0.1, 1.0, 5.0, 0.2), 50)
+    small.observe_tail(TailStatistics(0.1, 1.0, 5.0, 0.0), 50)
+    assert small.tail_score() == 0.0
+
+
+def test_gradient_score_and_progress_curves() -> None:
+    tracker = MemorizationTracker(0.1, None, OnsetSettings(score="gradient", ema_steps=10))
+    for _ in range(50):
+        tracker.observe_gradient(t_rate=2.0, q_rate=0.5, lr=0.1, steps=10)
+    assert tracker.gradient_score() == pytest.approx(0.75, abs=1e-6)
+    assert tracker.train_progress == pytest.approx(50 * 0.1 * 2.0 * 10)
+    assert tracker.population_progress == pytest.approx(50 * 0.1 * 0.5 * 10)
+
+
+def test_agent_publishes_scores_and_no_score_without_dataset_size(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    torch.manual_seed(random.randrange(10**6))
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    x, y = torch.randn(200, 8), torch.randint(0, 4, (200,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    runs = []
+    for size in (200, None):
+        with cs.init("t", f"mem-{size}", redis_url=redis_url) as run:
+            kwargs = {"dataset_size": size} if size else {}
+            if size is None:
+                with pytest.warns(UserWarning, match="dataset_size"):
+                    run.watch(
+                        model, opt, batch_size=20, emit_every=10, probe=(x[:64], y[:64]), **kwargs
+                    )
+            else:
+                run.watch(
+                    model, opt, batch_size=20, emit_every=10, probe=(x[:64], y[:64]), **kwargs
+                )
+            for step in range(301):
+                idx = torch.randint(0, 200, (20,))
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                run.log({"train/loss": loss.item()}, step)
+        runs.append(run)
+    with_n = [
+        wire.decode("scalars", f)["s"]
+        for _, f in redis_client.xrange(runs[0].keys.stream(runs[0].id, "scalars"))
+    ]
+    mem = [s for s in with_n if "memorization/score" in s]
+    assert mem
+    assert all(0.0 <= s["memorization/score"] <= 1.0 for s in mem)
+    assert any("memorization/disagree_fraction" in s for s in mem)
+    assert mem[-1]["memorization/train_progress"] > 0
+    without = [
+        wire.decode("scalars", f)["s"]
+        for _, f in redis_client.xrange(runs[1].keys.stream(runs[1].id, "scalars"))
+    ]
+    assert not any("memorization/score" in s for s in without)
