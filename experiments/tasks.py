@@ -59,7 +59,9 @@ def digits_label_noise(noise: float, seed: int, n_train: int = 1000, batch_size:
     ty[flip] = (ty[flip] + shift[flip]) % 10
     torch.manual_seed(seed)
     model = mlp(64, 10)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # A small learning rate stretches the dynamics: the held-out minimum falls well
+    # after the agent's warm-up.
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
 
     def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)

@@ -1,0 +1,314 @@
+"""Run every experiment, score the indicators against held-out ground truth, and write
+experiments/REPORT.md with its figures. ``make experiments`` runs the full set;
+``--quick`` a small one (used by a test).
+
+    .venv/bin/python -m experiments.run_all [--quick] [--out experiments]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from experiments.runner import RunRecord, run_task
+from experiments.tasks import digits_label_noise, fresh_data, grokking
+from monitor_agent.memorization import OnsetRule, OnsetSettings
+from server.embedded_redis import EmbeddedRedis
+
+DEFAULTS = OnsetSettings()
+
+
+@dataclass
+class Plan:
+    noises: list[float]
+    seeds: list[int]
+    steps: int
+    fresh_seeds: list[int]
+    grok_steps: int
+
+
+FULL = Plan([0.0, 0.1, 0.2, 0.4], [0, 1, 2], 3000, [0, 1, 2], 8000)
+QUICK = Plan([0.0, 0.2], [0], 1200, [0], 0)
+
+
+def _onset(
+    steps: list[int], scores: list[float], falling: list[bool] | None = None, theta_on: float = 0.3
+) -> tuple[int | None, int | None]:
+    """The agent's onset rule (warm-up, θ_on, θ_off, P) applied to any score series."""
+    rule = OnsetRule(theta_on, DEFAULTS.theta_off, DEFAULTS.patience)
+    onset = cleared = None
+    for i, (step, score) in enumerate(zip(steps, scores, strict=True)):
+        if step < DEFAULTS.warmup_steps:
+            continue
+        change = rule.advance(step, score, True if falling is None else falling[i])
+        if change == "onset" and onset is None:
+            onset = rule.onset_step
+        elif change == "cleared" and onset is not None and cleared is None:
+            cleared = step
+    return onset, cleared
+
+
+def _thin(steps: list[int], values: list[float], every: int) -> tuple[list[int], list[float]]:
+    out = [(s, v) for s, v in zip(steps, values, strict=True) if s % every == 0]
+    return [s for s, _ in out], [v for _, v in out]
+
+
+def candidates(rec: RunRecord) -> dict[str, tuple[int | None, int | None]]:
+    """Onset (and clear) steps of every candidate indicator on one run."""
+    out: dict[str, tuple[int | None, int | None]] = {}
+    for name in ("tail_score", "gradient_score"):
+        steps, values = rec.series(f"memorization/{name}")
+        out[name.removesuffix("_score")] = (
+            _onset(*_thin(steps, values, 50)) if steps else (None, None)
+        )
+    falling = [True] + [b < a for a, b in zip(rec.train_loss, rec.train_loss[1:], strict=False)]
+    eb_score = [1.0 if v > 0 else 0.0 for v in rec.eb]
+    out["EB criterion"] = _onset(*_thin(rec.steps, eb_score, 50), theta_on=0.5)
+    peak, gsnr_score = 0.0, []
+    for s, v in zip(rec.steps, rec.mean_gsnr, strict=True):
+        peak = max(peak, v) if s >= DEFAULTS.warmup_steps else peak
+        gsnr_score.append(min(1.0, max(0.0, 1 - v / peak)) if peak > 0 else 0.0)
+    out["mean GSNR"] = _onset(*_thin(rec.steps, gsnr_score, 50))
+    plateau = []
+    for i, s in enumerate(rec.steps):
+        j = max(0, i - 20)
+        drop = (rec.train_loss[j] - rec.train_loss[i]) / max(abs(rec.train_loss[j]), 1e-12)
+        plateau.append(1.0 if s >= 200 and drop < 0.05 else 0.0)
+    out["loss plateau"] = _onset(*_thin(rec.steps, plateau, 50), theta_on=0.5)
+    del falling
+    return out
+
+
+def q_over_t_correlation(rec: RunRecord, window: int = 100) -> float | None:
+    """Pearson correlation, over windows, of the predicted Q/T (increments of the
+    population- and train-progress curves) with the measured held-out/train improvement
+    ratio ΔL_test/ΔL_train."""
+    ps, pv = rec.series("memorization/population_progress")
+    ts, tv = rec.series("memorization/train_progress")
+    pp, tp = dict(zip(ps, pv, strict=True)), dict(zip(ts, tv, strict=True))
+    test = dict(zip(rec.steps, rec.test_loss, strict=True))
+    train = dict(zip(rec.steps, rec.train_loss, strict=True))
+    pred, meas = [], []
+    for s in range(window, max(rec.steps) + 1, window):
+        a = s - window
+        if not all(k in d for d in (pp, tp, test, train) for k in (a, s)):
+            continue
+        dt = tp[s] - tp[a]
+        dl_train = train[a] - train[s]
+        if dt <= 0 or dl_train <= 1e-4:
+            continue
+        pred.append((pp[s] - pp[a]) / dt)
+        meas.append((test[a] - test[s]) / dl_train)
+    if len(pred) < 4:
+        return None
+    mp, mm = statistics.fmean(pred), statistics.fmean(meas)
+    cov = sum((p - mp) * (m - mm) for p, m in zip(pred, meas, strict=True))
+    vp = sum((p - mp) ** 2 for p in pred)
+    vm = sum((m - mm) ** 2 for m in meas)
+    return cov / math.sqrt(vp * vm) if vp > 0 and vm > 0 else None
+
+
+def _plot(rec: RunRecord, path: Path, onsets: dict[str, tuple[int | None, int | None]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax1.plot(rec.steps, rec.test_loss, label="held-out loss (ground truth)", color="#dc2626")
+    ax1.plot(rec.steps, rec.train_loss, label="training loss", color="#2563eb")
+    ax1.axvline(rec.test_min_step(), color="#dc2626", ls=":", label="held-out minimum")
+    ax1.set_yscale("log")
+    ax1.legend(fontsize=8)
+    ax1.set_title(rec.name, fontsize=10)
+    for name, colour in (("tail_score", "#16a34a"), ("gradient_score", "#9333ea")):
+        s, v = rec.series(f"memorization/{name}")
+        ax2.plot(s, v, label=name.replace("_", " "), color=colour)
+    s, v = rec.series("memorization/disagree_fraction")
+    ax2.plot(s, v, label="disagreeing fraction H", color="#ea580c", ls="--")
+    onset = onsets["tail"][0]
+    if onset is not None:
+        ax2.axvline(onset, color="#16a34a", ls=":", label="tail onset")
+    ax2.axvline(rec.test_min_step(), color="#dc2626", ls=":")
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.set_xlabel("step")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _fmt(x: float | int | None, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def write_report(records: list[RunRecord], out: Path, command: str, seconds: float) -> str:
+    """The markdown report: per-run table, candidate comparison, targets."""
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Memorization onset without a validation set: evidence",
+        "",
+        f"Generated by `{command}` in {seconds / 60:.1f} min (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads). The agent never sees the held-out data; it is "
+        "recorded here only as ground truth.",
+        "",
+        "Onset rule for every candidate (the agent's): warm-up "
+        f"{DEFAULTS.warmup_steps} steps, arm at score ≥ θ_on (0.3; 0.5 for the 0/1 baselines), "
+        f"fire after P = {DEFAULTS.patience} consecutive 50-step windows (the onset is the first), "
+        f"clear after P windows at ≤ θ_off = {DEFAULTS.theta_off}.",
+        "",
+        "## Runs",
+        "",
+        "| run | held-out min step | clear min | agent onset (tail) | cleared | tail | gradient | EB | mean GSNR | loss plateau | corr(Q/T, measured) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    per_run = []
+    for rec in records:
+        onsets = candidates(rec)
+        agent_onset = next(
+            (e["step"] for e in rec.events if e["kind"] == "memorization_onset"), None
+        )
+        agent_clear = next(
+            (e["step"] for e in rec.events if e["kind"] == "memorization_cleared"), None
+        )
+        corr = q_over_t_correlation(rec)
+        per_run.append((rec, onsets, agent_onset, corr))
+        slug = rec.name.replace(" ", "_").replace("=", "").replace("%", "pct")
+        _plot(rec, figs / f"{slug}.png", onsets)
+        lines.append(
+            f"| [{rec.name}](figures/{slug}.png) | {rec.test_min_step()} | {'yes' if rec.clear_minimum() else 'no'} "
+            f"| {_fmt(agent_onset)} | {_fmt(agent_clear)} | "
+            + " | ".join(
+                _fmt(onsets[c][0])
+                for c in ("tail", "gradient", "EB criterion", "mean GSNR", "loss plateau")
+            )
+            + f" | {_fmt(corr)} |"
+        )
+
+    def hit(onset: int | None, minimum: int) -> bool:
+        return onset is not None and minimum / 1.5 <= onset <= minimum * 1.5
+
+    lines += ["", "## Candidates against the targets", ""]
+    lines += [
+        "| indicator | noisy runs with a clear minimum: onset within ×1.5 | clean + fresh runs: no alarm |",
+        "|---|---|---|",
+    ]
+    noisy = [
+        (r, o) for r, o, _, _ in per_run if r.kind == "digits" and r.noise > 0 and r.clear_minimum()
+    ]
+    controls = [
+        (r, o)
+        for r, o, _, _ in per_run
+        if r.kind == "fresh" or (r.kind == "digits" and r.noise == 0)
+    ]
+    summary: dict[str, tuple[float | None, float | None]] = {}
+    for cand in ("tail", "gradient", "EB criterion", "mean GSNR", "loss plateau"):
+        hits = [hit(o[cand][0], r.test_min_step()) for r, o in noisy]
+        silent = [o[cand][0] is None for _, o in controls]
+        h = sum(hits) / len(hits) if hits else None
+        q = sum(silent) / len(silent) if silent else None
+        summary[cand] = (h, q)
+        lines.append(
+            f"| {cand} | {sum(hits)}/{len(hits)} ({_fmt(h * 100 if h is not None else None, 0)} %) "
+            f"| {sum(silent)}/{len(silent)} ({_fmt(q * 100 if q is not None else None, 0)} %) |"
+        )
+    agent_hits = [hit(a, r.test_min_step()) for r, _, a, _ in per_run if r in [n for n, _ in noisy]]
+    agent_silent = [a is None for r, _, a, _ in per_run if r in [c for c, _ in controls]]
+    corrs = [c for _, _, _, c in per_run if c is not None]
+    h_rate = sum(agent_hits) / len(agent_hits) if agent_hits else None
+    s_rate = sum(agent_silent) / len(agent_silent) if agent_silent else None
+    lines += [
+        "",
+        "## Targets (the agent's own alarm, default settings)",
+        "",
+        f"* Label-noise runs with a clear held-out minimum, onset within a factor 1.5 of its step in ≥ 80 %: "
+        f"{sum(agent_hits)}/{len(agent_hits)} — **{'met' if h_rate is not None and h_rate >= 0.8 else 'not met'}**.",
+        f"* Clean-label and fresh-data runs with no alarm in ≥ 90 %: {sum(agent_silent)}/{len(agent_silent)} — "
+        f"**{'met' if s_rate is not None and s_rate >= 0.9 else 'not met'}**.",
+    ]
+    grok = [(r, a) for r, _, a, _ in per_run if r.kind == "grokking"]
+    if grok:
+        for r, a in grok:
+            jump = next((s for s, acc in zip(r.steps, r.test_acc, strict=True) if acc >= 0.9), None)
+            clear = next((e["step"] for e in r.events if e["kind"] == "memorization_cleared"), None)
+            ok = (
+                a is not None
+                and jump is not None
+                and clear is not None
+                and abs(clear - jump) <= 0.2 * jump
+            )
+            lines.append(
+                f"* Grokking ({r.name}): held-out accuracy passes 90 % at step {_fmt(jump)}; alarm at {_fmt(a)}, "
+                f"cleared at {_fmt(clear)} — **{'met' if ok else 'not met'}**."
+            )
+    else:
+        lines.append("* Grokking: not run in this mode (`make experiments` runs it).")
+    lines.append(
+        f"* Correlation of the predicted Q/T with the measured held-out/train improvement ratio "
+        f"(per run, 100-step windows): median {_fmt(statistics.median(corrs) if corrs else None)} "
+        f"over {len(corrs)} runs."
+    )
+    text = "\n".join(lines) + "\n"
+    (out / "REPORT.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent))
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    started = time.perf_counter()
+    redis = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
+    records: list[RunRecord] = []
+    jobs: list[tuple[str, Callable[[], RunRecord]]] = []
+    for noise in plan.noises:
+        for seed in plan.seeds:
+            jobs.append((f"digits {noise} {seed}", lambda n=noise, s=seed: run_task(
+                digits_label_noise(n, s), "digits", plan.steps, redis.url, noise=n)))  # fmt: skip
+    for seed in plan.fresh_seeds:
+        jobs.append(
+            (
+                f"fresh {seed}",
+                lambda s=seed: run_task(fresh_data(s), "fresh", plan.steps, redis.url),
+            )
+        )
+    if plan.grok_steps:
+        jobs.append(
+            (
+                "grokking",
+                lambda: run_task(
+                    grokking(0), "grokking", plan.grok_steps, redis.url, eval_every=20
+                ),
+            )
+        )
+    try:
+        for label, job in jobs:
+            t0 = time.perf_counter()
+            records.append(job())
+            print(f"{label}: {time.perf_counter() - t0:.1f}s", flush=True)
+    finally:
+        redis.stop()
+    command = "make experiments" if not args.quick else "python -m experiments.run_all --quick"
+    report = write_report(records, out, command, time.perf_counter() - started)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

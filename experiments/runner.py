@@ -1,0 +1,141 @@
+"""One experiment run: train with the agent attached to a real Redis, record held-out
+ground truth (which the agent never sees), and baseline statistics on the same run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import monitor_agent as cs
+from experiments.tasks import Task
+from monitor_agent import wire
+
+
+@dataclass
+class RunRecord:
+    """Everything the report needs about one run."""
+
+    name: str
+    kind: str
+    steps: list[int] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eb: list[float] = field(default_factory=list)
+    mean_gsnr: list[float] = field(default_factory=list)
+    agent: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    noise: float = 0.0
+
+    def test_min_step(self) -> int:
+        """Step of the held-out loss minimum."""
+        return self.steps[min(range(len(self.test_loss)), key=self.test_loss.__getitem__)]
+
+    def clear_minimum(self) -> bool:
+        """True when the held-out loss rises clearly (≥ 10 %) after its minimum."""
+        i = min(range(len(self.test_loss)), key=self.test_loss.__getitem__)
+        return max(self.test_loss[i:]) >= 1.1 * self.test_loss[i] and 0 < i < len(self.steps) - 1
+
+    def series(self, name: str) -> tuple[list[int], list[float]]:
+        """An agent series as (steps, values)."""
+        pts = self.agent.get(name, [])
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _loss_acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        loss = float(nn.functional.cross_entropy(out, y))
+        acc = float((out.argmax(1) == y).float().mean())
+    model.train(was)
+    return loss, acc
+
+
+def _baselines(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """The EB criterion of Mahsereci et al. (2017), as Cockpit computes it, and the mean
+    GSNR (Liu et al. 2020), from per-example gradients of one batch."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_i(ps: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(
+            functional_call(model, ps, (xi.unsqueeze(0),)), yi.unsqueeze(0)
+        )
+
+    per = vmap(grad(loss_i), in_dims=(None, 0, 0))(params, x, y)
+    g = torch.cat([per[n].reshape(x.shape[0], -1) for n in params], dim=1)
+    b, d = g.shape
+    mean = g.mean(0)
+    var = g.var(0, unbiased=True) + 1e-12
+    eb = 1.0 - (b / d) * float((mean * mean / var).sum())
+    gsnr = float((mean * mean / var).mean())
+    return eb, gsnr
+
+
+def run_task(
+    task: Task,
+    kind: str,
+    steps: int,
+    redis_url: str,
+    *,
+    eval_every: int = 10,
+    probe_size: int = 256,
+    noise: float = 0.0,
+    memorization: dict[str, Any] | None = None,
+) -> RunRecord:
+    """Train a task for ``steps`` optimizer steps with the agent watching it."""
+    rec = RunRecord(task.name, kind, noise=noise)
+    assert task.train_x is not None and task.train_y is not None
+    probe = (task.train_x[:probe_size], task.train_y[:probe_size])
+    config = {"task": task.name, "steps": steps, "batch_size": task.batch_size}
+    with cs.init("experiments", task.name, config=config, redis_url=redis_url) as run:
+        run.watch(
+            task.model, task.optimizer, batch_size=task.batch_size,
+            dataset_size=task.dataset_size, probe=probe, emit_every=10, k=8,
+            memorization=memorization,
+        )  # fmt: skip
+        for step in range(steps):
+            x, y = task.batch(step)
+            task.model.train()
+            loss = nn.functional.cross_entropy(task.model(x), y)
+            loss.backward()
+            if step % eval_every == 0:
+                eb, gsnr = _baselines(task.model, x[:64], y[:64])
+                tl, ta = _loss_acc(task.model, task.test_x, task.test_y)
+                train_l = (
+                    _loss_acc(task.model, task.train_x, task.train_y)[0]
+                    if task.dataset_size is not None
+                    else loss.item()
+                )
+                rec.steps.append(step)
+                rec.test_loss.append(tl)
+                rec.test_acc.append(ta)
+                rec.train_loss.append(train_l)
+                rec.eb.append(eb)
+                rec.mean_gsnr.append(gsnr)
+            task.optimizer.step()
+            task.optimizer.zero_grad(set_to_none=True)
+            run.log({"train/loss": loss.item()}, step)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for _, fields in client.xrange(run.keys.stream(run.id, "scalars")):
+            r = wire.decode("scalars", fields)
+            for name, value in r["s"].items():
+                if name.startswith(("memorization/", "signal/", "spectrum/")) and math.isfinite(
+                    value
+                ):
+                    rec.agent.setdefault(name, []).append((r["step"], value))
+        for _, fields in client.xrange(run.keys.stream(run.id, "events")):
+            ev = wire.decode("events", fields)
+            if ev["kind"].startswith("memorization"):
+                rec.events.append(ev)
+    finally:
+        client.close()
+    return rec
