@@ -35,7 +35,11 @@ class ApiClient:
             )
 
     async def get(self, path: str, token: str | None = None, **params: Any) -> Any:
-        """GET a JSON document; params that are None are left out."""
+        """GET a JSON document; params that are None are left out. Without an explicit
+        token the signed-in user's (from the request's cookie) is used."""
+        from server.signin import current_token
+
+        token = token or current_token.get()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         query = {k: v for k, v in params.items() if v is not None}
         resp = await self._client.get(path, params=query, headers=headers)

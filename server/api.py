@@ -6,15 +6,55 @@ import math
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from monitor_agent import wire
+from server.auth import ANONYMOUS_ADMIN, Principal, resolve
 from server.downsample import downsample
+from server.export import scalar_table, to_csv, to_parquet
 from server.ingest import Ingestor
+from server.live import stream_run
 from server.store import Store, valid_cursor
 
+COOKIE = "cs_token"
+
+
+async def principal(request: Request) -> Principal:
+    """The caller, from ``Authorization: Bearer`` or the dashboard's cookie; 401 without
+    a valid token unless the server runs without auth (embedded, on loopback)."""
+    if not request.app.state.auth_required:
+        return ANONYMOUS_ADMIN
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else None
+    token = token or request.cookies.get(COOKIE)
+    if not token:
+        raise HTTPException(401, "missing token", headers={"WWW-Authenticate": "Bearer"})
+    store = _store(request)
+    found = await resolve(store.client, request.app.state.settings.prefix, token)
+    if found is None:
+        raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    return found
+
+
+def need(role: str) -> Any:
+    """A dependency that requires at least ``role`` (on any project; routes of one run
+    check that run's project too)."""
+
+    async def check(request: Request) -> Principal:
+        who = await principal(request)
+        if not who.allows(role):
+            raise HTTPException(
+                403, f"this token's role {who.role!r} cannot do this ({role} needed)"
+            )
+        request.state.principal = who
+        return who
+
+    return check
+
+
 router = APIRouter()
+api = APIRouter(dependencies=[Depends(need("read"))])
 
 Since = Annotated[
     str | None,
@@ -43,10 +83,17 @@ def _check_since(since: str | None) -> None:
         )
 
 
-async def _require_meta(store: Store, run_id: str) -> dict[str, Any]:
+async def _require_meta(
+    store: Store, run_id: str, request: Request | None = None, role: str = "read"
+) -> dict[str, Any]:
     meta = await store.meta(run_id) if wire.valid_run_id(run_id) else None
     if meta is None:
         raise HTTPException(status_code=404, detail=f"run {run_id!r} not found")
+    who: Principal | None = getattr(request.state, "principal", None) if request else None
+    if who is not None and not who.allows(role, meta.get("project")):
+        raise HTTPException(
+            403, f"this token has no {role} access to project {meta.get('project')!r}"
+        )
     return meta
 
 
@@ -95,7 +142,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
-@router.get("/api/runs", tags=["runs"])
+@api.get("/api/runs", tags=["runs"])
 async def list_runs(
     request: Request,
     project: str | None = None,
@@ -106,14 +153,19 @@ async def list_runs(
     """Runs, most recently seen first."""
     if project is not None and not wire.valid_project(project):
         raise HTTPException(status_code=422, detail="project: invalid project name")
+    who: Principal = request.state.principal
+    if who.project != "*":
+        if project not in (None, who.project):
+            raise HTTPException(403, f"this token has no access to project {project!r}")
+        project = who.project
     return {"runs": await _store(request).list_runs(project, status, q, limit)}
 
 
-@router.get("/api/runs/{run_id}", tags=["runs"])
+@api.get("/api/runs/{run_id}", tags=["runs"])
 async def run_meta(request: Request, run_id: str) -> dict[str, Any]:
     """Run metadata: summary plus config, layer names in order, and agent settings."""
     store = _store(request)
-    meta = await _require_meta(store, run_id)
+    meta = await _require_meta(store, run_id, request)
     row = store.run_summary(run_id, meta)
     row.update(
         config=meta.get("config") or {},
@@ -126,7 +178,7 @@ async def run_meta(request: Request, run_id: str) -> dict[str, Any]:
     return row
 
 
-@router.get("/api/runs/{run_id}/scalars", tags=["series"])
+@api.get("/api/runs/{run_id}/scalars", tags=["series"])
 async def scalars(
     request: Request,
     run_id: str,
@@ -137,7 +189,7 @@ async def scalars(
     """Scalar series after ``since``, each downsampled to ``max_points`` keeping min/max."""
     _check_since(since)
     store = _store(request)
-    await _require_meta(store, run_id)
+    await _require_meta(store, run_id, request)
     wanted = _names(names)
     records, cursor = await store.read(run_id, "scalars", since)
     points: dict[str, list[tuple[int, float | None]]] = {}
@@ -153,7 +205,7 @@ async def scalars(
     return {"series": series, "cursor": cursor}
 
 
-@router.get("/api/runs/{run_id}/layers", tags=["series"])
+@api.get("/api/runs/{run_id}/layers", tags=["series"])
 async def layers(
     request: Request,
     run_id: str,
@@ -164,7 +216,7 @@ async def layers(
     """Per-layer vectors after ``since``; over budget, evenly spaced records are kept."""
     _check_since(since)
     store = _store(request)
-    meta = await _require_meta(store, run_id)
+    meta = await _require_meta(store, run_id, request)
     wanted = _names(names)
     records, cursor = await store.read(run_id, "layers", since)
     budget = max_points or request.app.state.settings.default_max_points
@@ -181,12 +233,12 @@ async def layers(
     return {"layers": meta.get("layers") or [], "series": series, "cursor": cursor}
 
 
-@router.get("/api/runs/{run_id}/spectrum", tags=["series"])
+@api.get("/api/runs/{run_id}/spectrum", tags=["series"])
 async def spectrum(request: Request, run_id: str, since: Since = None) -> dict[str, Any]:
     """Spectrum entries (top-k of W_s and of the current kernel) after ``since``."""
     _check_since(since)
     store = _store(request)
-    await _require_meta(store, run_id)
+    await _require_meta(store, run_id, request)
     records, cursor = await store.read(run_id, "spectrum", since)
     entries = [
         {
@@ -201,12 +253,12 @@ async def spectrum(request: Request, run_id: str, since: Since = None) -> dict[s
     return {"entries": entries, "cursor": cursor}
 
 
-@router.get("/api/runs/{run_id}/hist", tags=["series"])
+@api.get("/api/runs/{run_id}/hist", tags=["series"])
 async def hist(request: Request, run_id: str, since: Since = None) -> dict[str, Any]:
     """Per-layer log-SNR histograms after ``since``: bin edges and one count row per layer."""
     _check_since(since)
     store = _store(request)
-    meta = await _require_meta(store, run_id)
+    meta = await _require_meta(store, run_id, request)
     records, cursor = await store.read(run_id, "hist", since)
     entries = [
         {
@@ -219,14 +271,14 @@ async def hist(request: Request, run_id: str, since: Since = None) -> dict[str, 
     return {"layers": meta.get("layers") or [], "entries": entries, "cursor": cursor}
 
 
-@router.get("/api/runs/{run_id}/events", tags=["events"])
+@api.get("/api/runs/{run_id}/events", tags=["events"])
 async def events(
     request: Request, run_id: str, kinds: Names = None, since: Since = None
 ) -> dict[str, Any]:
     """Events (phase changes, alerts, notes) after ``since``, optionally of some kinds."""
     _check_since(since)
     store = _store(request)
-    await _require_meta(store, run_id)
+    await _require_meta(store, run_id, request)
     wanted = _names(kinds)
     records, cursor = await store.read(run_id, "events", since)
     out = [
@@ -243,3 +295,73 @@ async def events(
         if wanted is None or rec["kind"] in wanted
     ]
     return {"events": out, "cursor": cursor}
+
+
+@api.get("/api/runs/{run_id}/export", tags=["runs"])
+async def export(
+    request: Request,
+    run_id: str,
+    format: Annotated[str, Query(pattern="^(csv|parquet)$")] = "csv",
+) -> Response:
+    """A run's scalars as CSV or Parquet: one row per step, one column per series."""
+    store = _store(request)
+    await _require_meta(store, run_id, request)
+    records, _ = await store.read(run_id, "scalars", None)
+    columns, rows = scalar_table(records)
+    name = f"{run_id}.{format}"
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    if format == "csv":
+        return Response(to_csv(columns, rows), media_type="text/csv", headers=headers)
+    try:
+        body = to_parquet(columns, rows)
+    except ImportError as exc:
+        raise HTTPException(501, "Parquet export needs pyarrow (channelscope[export])") from exc
+    return Response(body, media_type="application/vnd.apache.parquet", headers=headers)
+
+
+@api.delete("/api/runs/{run_id}", tags=["runs"], dependencies=[Depends(need("admin"))])
+async def delete_run(request: Request, run_id: str) -> dict[str, Any]:
+    """Delete a run and all its keys (admin only)."""
+    store = _store(request)
+    meta = await _require_meta(store, run_id, request, role="admin")
+    keys = store.keys
+    names = [keys.meta(run_id), *(keys.stream(run_id, k) for k in wire.STREAM_KINDS)]
+    async for key in store.client.scan_iter(match=f"{keys.prefix}run:{{{run_id}}}:*"):
+        names.append(key.decode() if isinstance(key, bytes) else key)
+    pipe = store.client.pipeline(transaction=False)
+    pipe.delete(*set(names))
+    pipe.zrem(keys.runs(), run_id)
+    pipe.zrem(keys.project_runs(meta.get("project", "")), run_id)
+    await pipe.execute()
+    return {"deleted": run_id}
+
+
+@api.get("/api/runs/{run_id}/live", tags=["live"])
+async def live(
+    request: Request,
+    run_id: str,
+    since: Since = None,
+) -> StreamingResponse:
+    """Server-sent events of the run's scalars, layers, histograms, spectrum and events
+    as they arrive; reconnect with Last-Event-ID (or ``since``) to resume with no gap."""
+    _check_since(since)
+    store = _store(request)
+    await _require_meta(store, run_id, request)
+    cursor = request.headers.get("last-event-id") or since or "$"
+    if cursor != "$" and not valid_cursor(cursor):
+        raise HTTPException(422, "Last-Event-ID must be a stream id")
+    if cursor == "$":
+        # Start at the newest entry of any stream: only what arrives from now on.
+        newest = "0-0"
+        for kind in wire.STREAM_KINDS:
+            last: Any = await store.client.xrevrange(store.keys.stream(run_id, kind), count=1)
+            if last:
+                entry = last[0][0].decode()
+                if tuple(map(int, entry.split("-"))) > tuple(map(int, newest.split("-"))):
+                    newest = entry
+        cursor = newest
+    return StreamingResponse(
+        stream_run(request, store, run_id, cursor),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

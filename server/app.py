@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException
 
-from server.api import router
+from server.api import api, router
+from server.auth import LOOPBACK
 from server.embedded_redis import EmbeddedRedis
 from server.ingest import Ingestor
 from server.settings import Settings
@@ -58,7 +59,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.auth_required = settings.auth == "on" or (
+        settings.auth == "auto" and settings.host not in LOOPBACK
+    )
+    if not app.state.auth_required:
+        log.warning(
+            "channelscope: API without tokens (bound to %s); anyone on this machine can read it",
+            settings.host,
+        )
     app.include_router(router)
+    app.include_router(api)
 
     # Registered before the dashboard's catch-all page route, so an unknown API path is
     # a JSON 404 and not the dashboard's HTML.
@@ -70,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     if settings.dashboard:
         from dashboard.app import create_dash_app
+        from server.signin import install
 
+        install(app)
         create_dash_app(settings, app)
     return app

@@ -10,9 +10,12 @@ import time
 from collections.abc import Sequence
 
 import httpx
+import redis
 import uvicorn
 
+from monitor_agent.endpoint import resolve_redis_url
 from server.app import create_app
+from server.auth import ROLES, create_token, list_tokens, revoke_token
 from server.settings import Settings
 
 
@@ -107,10 +110,51 @@ def demo(settings: Settings, steps: int, runs: int, keep_serving: bool) -> int:
     return 0
 
 
+def _redis_for_cli(settings: Settings) -> redis.Redis:
+    url = resolve_redis_url(settings.redis_url)
+    if url is None:
+        raise SystemExit(
+            "channelscope: no Redis: set CHANNELSCOPE_REDIS_URL or start `channelscope serve`"
+        )
+    return redis.Redis.from_url(url)
+
+
+def token_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``token create|list|revoke``: manage API tokens directly in Redis."""
+    client = _redis_for_cli(settings)
+    try:
+        if args.token_command == "create":
+            token, token_id = create_token(
+                client, settings.prefix, args.role, args.project, args.name
+            )
+            print(f"token {token_id} ({args.role} on project {args.project!r}); shown once:")
+            print(token)
+        elif args.token_command == "list":
+            for rec in list_tokens(client, settings.prefix):
+                print(f"{rec['id']}  {rec['role']:5s}  {rec['project']}  {rec.get('name', '')}")
+        elif not revoke_token(client, settings.prefix, args.id):
+            print(f"no token {args.id!r}", file=sys.stderr)
+            return 1
+        else:
+            print(f"revoked {args.id}")
+    finally:
+        client.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``channelscope`` console script."""
     parser = argparse.ArgumentParser(prog="channelscope")
     sub = parser.add_subparsers(dest="command", required=True)
+    p_token = sub.add_parser("token", help="create, list or revoke API tokens")
+    tsub = p_token.add_subparsers(dest="token_command", required=True)
+    t_create = tsub.add_parser("create")
+    t_create.add_argument("--project", default="*", help="project name, or * for all")
+    t_create.add_argument("--role", choices=ROLES, default="read")
+    t_create.add_argument("--name", default="")
+    tsub.add_parser("list")
+    t_revoke = tsub.add_parser("revoke")
+    t_revoke.add_argument("id", help="the token id printed by create or list")
     p_serve = sub.add_parser("serve", help="run the server and dashboard")
     p_demo = sub.add_parser("demo", help="serve and train a grokking demo run")
     for p in (p_serve, p_demo):
@@ -121,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--exit", action="store_true", help="stop serving when training ends")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "token":
+        return token_command(Settings(), args)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
     if args.command == "serve":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,5 +29,9 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="a running run silent this long is reported crashed"
     )
     default_max_points: int = Field(default=2000, ge=2)
+    auth: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="auto: tokens required unless bound to loopback (127.0.0.1, ::1)",
+    )
     dashboard: bool = True
     dashboard_refresh_ms: int = Field(default=1000, ge=200)

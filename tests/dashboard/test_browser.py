@@ -68,3 +68,42 @@ def test_runs_page_to_live_run_page(live_server: LiveServer, redis_url: str) -> 
         stop.set()
         writer.join()
         run.finish()
+
+
+def test_sign_in_with_a_token_cookie(
+    redis_url: str, redis_client: object, tmp_path: object
+) -> None:
+    from pathlib import Path
+
+    import redis
+
+    from server.auth import create_token
+    from server.embedded_redis import free_port
+    from server.settings import Settings
+
+    assert isinstance(redis_client, redis.Redis)
+    assert isinstance(tmp_path, Path)
+    server = LiveServer(Settings(redis_url=redis_url, port=free_port(), home=tmp_path, auth="on"))
+    server.start()
+    run = cs.init("secure", "signed-in-run", redis_url=redis_url)
+    run.log({"train/loss": 1.0}, 0)
+    run.finish()
+    token, _ = create_token(redis_client, "cs:", "read", "secure")
+    try:
+        with browser_page() as (page, errors):
+            page.goto(server.url + "/")
+            page.wait_for_url("**/signin")
+            page.fill("#token", "cs_wrong")
+            page.click("button[type=submit]")
+            assert "Unknown or revoked token" in page.content()
+            page.fill("#token", token)
+            page.click("button[type=submit]")
+            page.get_by_role("link", name="signed-in-run").wait_for(timeout=15_000)
+            assert token not in page.url
+            cookies = page.context.cookies()
+            cookie = next(c for c in cookies if c["name"] == "cs_token")
+            assert cookie["httpOnly"]
+            screenshot(page, "signed-in-runs-page")
+            assert [e for e in errors if "401" not in e] == []
+    finally:
+        server.stop()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -184,3 +185,62 @@ def test_watched_run_serves_layers_histograms_and_spectrum(
     assert len(series["signal/occupancy"]["step"]) == 7
     again = api.get(f"/api/runs/{run.id}/spectrum", params={"since": spectrum["cursor"]}).json()
     assert again["entries"] == []
+
+
+def test_export_csv_and_parquet(api: httpx.Client, redis_url: str) -> None:
+    import io
+
+    import pandas as pd
+
+    run = cs.init("itest", "export", redis_url=redis_url)
+    for step in range(20):
+        run.log({"train/loss": 1.0 / (step + 1)}, step)
+        if step % 5 == 0:
+            run.log({"val/acc": step / 20}, step)
+    run.finish()
+    csv = api.get(f"/api/runs/{run.id}/export", params={"format": "csv"})
+    assert csv.status_code == 200
+    frame = pd.read_csv(io.StringIO(csv.text))
+    assert list(frame["step"]) == list(range(20))
+    assert frame["val/acc"].notna().sum() == 4
+    parquet = api.get(f"/api/runs/{run.id}/export", params={"format": "parquet"})
+    table = pd.read_parquet(io.BytesIO(parquet.content))
+    assert table["train/loss"].iloc[3] == pytest.approx(0.25)
+    assert api.get(f"/api/runs/{run.id}/export", params={"format": "xlsx"}).status_code == 422
+
+
+def test_live_push_resumes_with_last_event_id(live_server: object, redis_url: str) -> None:
+    from tests.conftest import LiveServer
+
+    assert isinstance(live_server, LiveServer)
+    run = cs.init("itest", "live", redis_url=redis_url)
+    for step in range(30):
+        run.log({"train/loss": float(step)}, step)
+    run.flush()
+
+    def read_events(headers: dict[str, str], n: int) -> list[tuple[str, str, str]]:
+        got: list[tuple[str, str, str]] = []
+        with httpx.stream(
+            "GET", f"{live_server.url}/api/runs/{run.id}/live", headers=headers, timeout=10
+        ) as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            event_id = kind = ""
+            for line in resp.iter_lines():
+                if line.startswith("id: "):
+                    event_id = line[4:]
+                elif line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    got.append((event_id, kind, line[6:]))
+                    if len(got) >= n:
+                        break
+        return got
+
+    first = read_events({"Last-Event-ID": "0-0"}, 10)
+    assert [k for _, k, _ in first].count("scalars") >= 9
+    resumed = read_events({"Last-Event-ID": first[-1][0]}, 10)
+    ids = [i for i, _, _ in first + resumed]
+    assert len(ids) == len(set(ids))  # no duplicate across the reconnect
+    steps = [json.loads(d)["step"] for _, k, d in first + resumed if k == "scalars"]
+    assert steps == list(range(len(steps)))  # no gap
+    run.finish()
