@@ -29,11 +29,15 @@ def probe_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and a forked RNG for the duration; every module's flag is restored."""
     flags = [(m, m.training) for m in model.modules()]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    # The fused inference path of nn.TransformerEncoderLayer has no forward-mode AD.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     with torch.random.fork_rng(devices=devices):
         model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
         try:
             yield
         finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, flag in flags:
                 m.train(flag)
 

@@ -249,6 +249,17 @@ def json_number(x: float | None) -> float | None:
     return x
 
 
+def json_safe(obj: Any) -> Any:
+    """A copy of nested dicts/lists with NaN and ±Inf floats replaced by None."""
+    if isinstance(obj, float):
+        return json_number(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 # Meta hash fields that hold JSON rather than plain strings.
 META_JSON_FIELDS: Final = ("config", "layers", "settings", "tags")
 

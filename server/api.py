@@ -281,19 +281,26 @@ async def events(
     await _require_meta(store, run_id, request)
     wanted = _names(kinds)
     records, cursor = await store.read(run_id, "events", since)
-    out = [
-        {
-            "id": entry_id,
-            "kind": rec["kind"],
-            "step": rec["step"],
-            "wall_time": rec["t"],
-            "severity": rec["severity"],
-            "message": rec["message"],
-            "data": rec["data"],
-        }
-        for entry_id, rec in records
-        if wanted is None or rec["kind"] in wanted
-    ]
+    out = []
+    seen: set[str] = set()
+    for entry_id, rec in records:
+        eid = rec.get("eid")
+        if isinstance(eid, str):
+            if eid in seen:  # the same agent event replayed from a spool
+                continue
+            seen.add(eid)
+        if wanted is None or rec["kind"] in wanted:
+            out.append(
+                {
+                    "id": entry_id,
+                    "kind": rec["kind"],
+                    "step": rec["step"],
+                    "wall_time": rec["t"],
+                    "severity": rec["severity"],
+                    "message": rec["message"],
+                    "data": wire.json_safe(rec["data"]),
+                }
+            )
     return {"events": out, "cursor": cursor}
 
 

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException
 
+from server.alerts import AlertEngine
+from server.alerts import router as alerts_router
 from server.api import api, router
 from server.auth import LOOPBACK
 from server.embedded_redis import EmbeddedRedis
@@ -40,12 +42,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         client = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
         store = Store(client, settings.prefix, settings.crashed_after_s)
         ingestor = Ingestor(store, settings.poll_interval_s)
+        alerts = AlertEngine(store, settings.poll_interval_s)
         app.state.store = store
         app.state.ingestor = ingestor
+        app.state.alerts = alerts
         ingestor.start()
+        alerts.start()
         try:
             yield
         finally:
+            await alerts.stop()
             await ingestor.stop()
             await client.aclose()
             if embedded is not None:
@@ -69,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(router)
     app.include_router(api)
+    app.include_router(alerts_router)
 
     # Registered before the dashboard's catch-all page route, so an unknown API path is
     # a JSON 404 and not the dashboard's HTML.

@@ -35,16 +35,7 @@ def _payload(kind: str, rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json(obj: Any) -> str:
-    def clean(x: Any) -> Any:
-        if isinstance(x, float):
-            return wire.json_number(x)
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(obj), allow_nan=False)
+    return json.dumps(wire.json_safe(obj), allow_nan=False)
 
 
 async def stream_run(
