@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @contextmanager
@@ -31,7 +32,8 @@ def probe_mode(model: nn.Module) -> Iterator[None]:
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     # The fused inference path of nn.TransformerEncoderLayer has no forward-mode AD.
     fastpath = torch.backends.mha.get_fastpath_enabled()
-    with torch.random.fork_rng(devices=devices):
+    # Fused attention kernels have no forward-mode AD either: use the math kernel.
+    with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH):
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)
         try:

@@ -250,3 +250,25 @@ def test_auto_schedule_keeps_the_amortized_cost_under_budget() -> None:
     assert sched.due(500 + sched.every)
     with pytest.raises(ValueError, match="spectrum_every"):
         SpectrumSchedule(0, budget=0.03)
+
+
+def test_kernel_through_torch_transformer_layers_matches_jacrev() -> None:
+    """nn.TransformerEncoderLayer's fused paths have no forward AD: the probe must avoid them."""
+    from monitor_agent.demo import TinyTransformer, modular_addition
+
+    torch.manual_seed(random.randrange(10**9))
+    task = modular_addition(11, seed=random.randrange(100))
+    model = TinyTransformer(12, 11, d=8, heads=2)
+    x, y = task.train_x[:6], task.train_y[:6]
+    kern = ProbeKernel(model, x, y, projections=2)
+    got = kern.explicit()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def fz(ps: dict[str, torch.Tensor]) -> torch.Tensor:
+        return kern._project(functional_call(model, ps, (x,)))
+
+    model.eval()
+    jac = jacrev(fz)(params)
+    model.train()
+    j = torch.cat([jac[n].reshape(kern.size, -1) for n in params], dim=1)
+    torch.testing.assert_close(got, j @ j.T / x.shape[0], rtol=1e-10, atol=1e-12)
