@@ -37,12 +37,16 @@ class ApiClient:
     async def get(self, path: str, token: str | None = None, **params: Any) -> Any:
         """GET a JSON document; params that are None are left out. Without an explicit
         token the signed-in user's (from the request's cookie) is used."""
+        query = {k: v for k, v in params.items() if v is not None}
+        return await self.request("GET", path, token, params=query)
+
+    async def request(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> Any:
+        """Any method; JSON in (``json=``) and out; raises ApiError on an error status."""
         from server.signin import current_token
 
         token = token or current_token.get()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        query = {k: v for k, v in params.items() if v is not None}
-        resp = await self._client.get(path, params=query, headers=headers)
+        resp = await self._client.request(method, path, headers=headers, **kwargs)
         if resp.status_code >= 400:
             try:
                 detail = str(resp.json().get("detail"))

@@ -6,25 +6,41 @@ from typing import Any
 
 from dash import Dash, Input, Output, dcc, html
 
-from dashboard import run_page, runs_page
+from dashboard import compare_page, rules_page, run_page, runs_page
 from dashboard.api_client import ApiClient
 
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 0; color: #0f172a; background: #f8fafc; }
+:root { --bg: #f8fafc; --fg: #0f172a; --panel: #ffffff; --line: #e2e8f0; --muted: #475569; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #0b1120; --fg: #e2e8f0; --panel: #111827; --line: #1f2937; --muted: #94a3b8; }
+}
+body { font-family: system-ui, sans-serif; margin: 0; color: var(--fg); background: var(--bg); }
 .topbar { display: flex; gap: 1.5rem; align-items: center; padding: .6rem 1.2rem;
           background: #0f172a; color: white; }
 .topbar a { color: #cbd5e1; text-decoration: none; }
-.content { padding: 1rem 1.5rem; max-width: 1600px; }
-table { border-collapse: collapse; width: 100%; background: white; }
-th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid #e2e8f0; }
+.content { padding: 1rem 1.5rem; max-width: 2400px; margin: 0 auto; }
+table { border-collapse: collapse; width: 100%; background: var(--panel); }
+th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid var(--line); }
 td.num { font-variant-numeric: tabular-nums; }
-.panel { background: white; border: 1px solid #e2e8f0; border-radius: 6px; padding: .5rem;
-         margin: .8rem 0; min-height: 360px; }
-.explain { color: #475569; font-size: .9rem; margin: .2rem 0 .4rem; }
-.run-header { display: flex; gap: 1.2rem; align-items: baseline; }
+.panel { background: var(--panel); border: 1px solid var(--line); border-radius: 6px;
+         padding: .5rem; margin: .8rem 0; min-height: 200px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: .8rem; }
+.grid > .panel { margin: 0; }
+.explain { color: var(--muted); font-size: .9rem; margin: .2rem 0 .4rem; }
+.run-header { display: flex; gap: 1.2rem; align-items: baseline; flex-wrap: wrap; }
 .status { font-weight: 600; }
 .error { color: #dc2626; }
-.empty { color: #64748b; font-style: italic; }
+.empty { color: var(--muted); font-style: italic; min-height: 1.2em; margin: 0; }
+.badge { padding: .1rem .45rem; border-radius: 999px; font-size: .8rem; }
+.badge.warning { background: #fef3c7; color: #92400e; }
+.badge.error { background: #fee2e2; color: #991b1b; }
+.badge.info { background: #e0f2fe; color: #075985; }
+.filters { display: flex; gap: .6rem; flex-wrap: wrap; align-items: center; margin: .6rem 0; }
+.filters > * { min-width: 180px; max-width: 420px; }
+.form { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: .6rem;
+        max-width: 1200px; margin: .6rem 0; }
+.spark { height: 30px; width: 120px; }
+.link { font-size: .85rem; }
 """
 
 
@@ -43,7 +59,12 @@ def create_dash_app(settings: Any, server: Any) -> Dash:
         [
             dcc.Location(id="url"),
             html.Div(
-                [html.B("channelscope"), dcc.Link("Runs", href="/")],
+                [
+                    html.B("channelscope"),
+                    dcc.Link("Runs", href="/"),
+                    dcc.Link("Compare", href="/compare"),
+                    dcc.Link("Alert rules", href="/rules"),
+                ],
                 className="topbar",
             ),
             html.Div(id="page", className="content"),
@@ -58,8 +79,12 @@ def create_dash_app(settings: Any, server: Any) -> Dash:
             return run_page.layout(
                 run_id, settings.dashboard_refresh_ms, settings.default_max_points
             )
+        if path.startswith("/compare"):
+            return compare_page.layout()
+        if path.startswith("/rules"):
+            return rules_page.layout()
         return runs_page.layout(settings.dashboard_refresh_ms)
 
-    runs_page.register(app, api)
-    run_page.register(app, api)
+    for page in (runs_page, run_page, compare_page, rules_page):
+        page.register(app, api)
     return app

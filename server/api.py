@@ -185,6 +185,7 @@ async def scalars(
     names: Names = None,
     since: Since = None,
     max_points: MaxPoints = None,
+    with_time: Annotated[bool, Query(description="add each point's wall time (s)")] = False,
 ) -> dict[str, Any]:
     """Scalar series after ``since``, each downsampled to ``max_points`` keeping min/max."""
     _check_since(since)
@@ -193,7 +194,9 @@ async def scalars(
     wanted = _names(names)
     records, cursor = await store.read(run_id, "scalars", since)
     points: dict[str, list[tuple[int, float | None]]] = {}
+    wall: dict[int, float] = {}
     for _, rec in records:
+        wall[rec["step"]] = rec["t"]
         for name, value in rec["s"].items():
             if wanted is None or name in wanted:
                 points.setdefault(name, []).append((rec["step"], _clean(value)))
@@ -201,7 +204,12 @@ async def scalars(
     series: dict[str, Any] = {}
     for name, pts in sorted(points.items()):
         pts.sort(key=lambda p: p[0])
-        series[name] = downsample([p[0] for p in pts], [p[1] for p in pts], budget).as_json()
+        out: dict[str, Any] = dict(
+            downsample([p[0] for p in pts], [p[1] for p in pts], budget).as_json()
+        )
+        if with_time:
+            out["wall_time"] = [wall[s] for s in out["step"]]
+        series[name] = out
     return {"series": series, "cursor": cursor}
 
 

@@ -96,13 +96,21 @@ class Store:
         pipe = self.client.pipeline(transaction=False)
         for run_id in ids:
             pipe.hgetall(self.keys.meta(run_id))
-        metas = await pipe.execute()
+            pipe.hgetall(f"{self.keys.prefix}run:{{{run_id}}}:latest")
+            pipe.lrange(f"{self.keys.prefix}run:{{{run_id}}}:spark", 0, -1)
+        replies = await pipe.execute()
         out: list[dict[str, Any]] = []
         needle = (q or "").lower()
-        for run_id, raw in zip(ids, metas, strict=True):
+        for i, run_id in enumerate(ids):
+            raw, latest, spark = replies[3 * i : 3 * i + 3]
             if not raw:
                 continue
             row = self.run_summary(run_id, wire.decode_meta(raw))
+            values = {_text(k): _float(v, float("nan")) for k, v in latest.items()}
+            row["occupancy"] = wire.json_number(values.get("occupancy"))
+            row["memorization_score"] = wire.json_number(values.get("memorization_score"))
+            row["alerts"] = int(values.get("alerts", 0) or 0)
+            row["occupancy_spark"] = [wire.json_number(_float(v, float("nan"))) for v in spark]
             if status and row["status"] != status:
                 continue
             if needle and needle not in f"{run_id} {row['name']} {row['project']}".lower():

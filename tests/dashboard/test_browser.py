@@ -58,6 +58,7 @@ def test_runs_page_to_live_run_page(live_server: LiveServer, redis_url: str) -> 
             page.wait_for_function(f"({POINTS_JS})() > {first}", timeout=15_000)
             second = page.evaluate(POINTS_JS)
             page.wait_for_function(f"({points_js('signal-graph')})() > 0", timeout=15_000)
+            page.wait_for_function(f"({points_js('heatmap-graph')})() > 1", timeout=15_000)
             step_text = page.inner_text("#run-step")
             screenshot(page, "run-page")
             assert second > first > 0
