@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import statistics
 import sys
 import tempfile
@@ -269,11 +270,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent))
+    parser.add_argument(
+        "--from-records", default=None,
+        help="rebuild the report from a records file of an earlier run, without training",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     torch.set_num_threads(2)
     out = Path(args.out)
     started = time.perf_counter()
+    command = "make experiments" if not args.quick else "python -m experiments.run_all --quick"
+    if args.from_records:
+        with open(args.from_records, "rb") as fh:
+            saved = pickle.load(fh)
+        print(write_report(saved["records"], out, saved["command"], saved["seconds"]))
+        return 0
     redis = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
     records: list[RunRecord] = []
     jobs: list[tuple[str, Callable[[], RunRecord]]] = []
@@ -304,8 +315,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: {time.perf_counter() - t0:.1f}s", flush=True)
     finally:
         redis.stop()
-    command = "make experiments" if not args.quick else "python -m experiments.run_all --quick"
-    report = write_report(records, out, command, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    # The raw records, so the report can be rebuilt (and candidates added) without training.
+    (out / "out").mkdir(parents=True, exist_ok=True)
+    with open(out / "out" / "records.pkl", "wb") as fh:
+        pickle.dump({"records": records, "command": command, "seconds": seconds}, fh)
+    report = write_report(records, out, command, seconds)
     print(report)
     return 0
 
