@@ -70,9 +70,12 @@ class Run:
         prefix: str | None = None,
         maxlen: int = wire.DEFAULT_MAXLEN,
         all_ranks: bool = False,
+        resume: bool = False,
     ) -> None:
         if not wire.valid_project(project):
             raise ValueError(f"project {project!r}: use letters, digits, '_', '-', '.'")
+        if resume and not run_id:
+            raise ValueError("resume=True needs the run_id of the run to resume")
         run_id = run_id or _new_run_id()
         if not wire.valid_run_id(run_id):
             raise ValueError(f"run_id {run_id!r}: use letters, digits, '_' or '-'")
@@ -110,6 +113,13 @@ class Run:
             on_batch=self._touch_ops,
         )
         now = time.time()
+        if resume:
+            # Keep the original start time and layers: only say the run is alive again.
+            alive = {"status": "running", "resumed_at": now, "updated_at": now, "pid": os.getpid()}
+            self._submit([("hset", self.keys.meta(run_id), wire.encode_meta(alive))])
+            self.event("note", f"run resumed on {socket.gethostname()}", step=0)
+            atexit.register(self._at_exit)
+            return
         meta = {
             "project": project,
             "name": name,

@@ -125,6 +125,53 @@ def _is_duplicate_id(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and "equal or smaller" in str(exc)
 
 
+def write_ops(client: redis.Redis, ops: list[Op]) -> tuple[int, list[Exception]]:
+    """Pipeline ops to Redis; returns (entries Redis already had, other errors). A lost
+    connection raises, so the caller can keep the ops for later."""
+    pipe = client.pipeline(transaction=False)
+    for cmd, key, payload in ops:
+        if cmd == "xadd":
+            entry_id, fields, maxlen = payload
+            pipe.xadd(key, fields, id=entry_id, maxlen=maxlen, approximate=True)
+        elif cmd == "hset":
+            pipe.hset(key, mapping=payload)
+        elif cmd == "zadd":
+            pipe.zadd(key, payload)
+        elif cmd == "sadd":
+            pipe.sadd(key, *payload)
+        else:
+            raise ValueError(f"unknown op {cmd!r}")
+    duplicates, errors = 0, []
+    for res in pipe.execute(raise_on_error=False):
+        if isinstance(res, redis.ConnectionError | redis.TimeoutError):
+            raise res
+        if isinstance(res, Exception):
+            if _is_duplicate_id(res):
+                duplicates += 1
+            else:
+                errors.append(res)
+    return duplicates, errors
+
+
+def sync_spool(path: Path, url: str, chunk: int = 512) -> dict[str, int]:
+    """Upload a spool file written while Redis was unreachable (``channelscope sync``).
+    Safe to repeat: entries Redis already holds are skipped, and the file is removed once
+    everything is delivered."""
+    spool = Spool(path, limit_bytes=1 << 62)
+    client = redis.Redis.from_url(url, socket_timeout=10.0)
+    sent = duplicates = errors = 0
+    try:
+        for ops, end in spool.read_chunks(chunk):
+            dup, errs = write_ops(client, ops)
+            spool.commit(end)
+            sent += len(ops)
+            duplicates += dup
+            errors += len(errs)
+    finally:
+        client.close()
+    return {"ops": sent, "already_there": duplicates, "errors": errors}
+
+
 class Sender:
     """Owns the queue, the sender thread, the Redis client and the spool of one run."""
 
@@ -219,28 +266,10 @@ class Sender:
         self._next_try = time.monotonic() + self._retry_every_s
 
     def _write(self, client: redis.Redis, ops: list[Op]) -> None:
-        pipe = client.pipeline(transaction=False)
-        for cmd, key, payload in ops:
-            if cmd == "xadd":
-                entry_id, fields, maxlen = payload
-                pipe.xadd(key, fields, id=entry_id, maxlen=maxlen, approximate=True)
-            elif cmd == "hset":
-                pipe.hset(key, mapping=payload)
-            elif cmd == "zadd":
-                pipe.zadd(key, payload)
-            elif cmd == "sadd":
-                pipe.sadd(key, *payload)
-            else:
-                raise ValueError(f"unknown op {cmd!r}")
-        results = pipe.execute(raise_on_error=False)
-        for res in results:
-            if isinstance(res, redis.ConnectionError | redis.TimeoutError):
-                raise res
-            if isinstance(res, Exception):
-                if _is_duplicate_id(res):
-                    self.stats.duplicates += 1
-                else:
-                    self._note_error(res)
+        duplicates, errors = write_ops(client, ops)
+        self.stats.duplicates += duplicates
+        for exc in errors:
+            self._note_error(exc)
 
     def _replay_spool(self, client: redis.Redis) -> bool:
         """Send the spool in order; True when it is empty afterwards."""

@@ -122,6 +122,7 @@ class Monitor:
         exact_max: int = 512,
         sketch_size: int | None = None,
         memorization: OnsetSettings | dict[str, Any] | None = None,
+        hook: str = "optimizer",
     ) -> None:
         if noise not in NOISE_MODES:
             raise ValueError(f"noise={noise!r}: expected one of {NOISE_MODES}")
@@ -246,7 +247,13 @@ class Monitor:
             # but a finite set can still be memorized: the tail score stays enabled.
             self.tracker = MemorizationTracker(self.gate.alpha_n, chance, onset)
         self._last_emit_step = 0
-        self._handle = optimizer.register_step_pre_hook(self._pre_step)
+        if hook not in ("optimizer", "manual"):
+            raise ValueError("hook must be 'optimizer' or 'manual'")
+        # 'manual': a framework callback (Lightning on_before_optimizer_step, Hugging Face
+        # on_pre_optimizer_step) calls observe_step() at the same point of the step.
+        self._handle = (
+            optimizer.register_step_pre_hook(self._pre_step) if hook == "optimizer" else None
+        )
         run.update_meta(
             {
                 "layers": self.names,
@@ -284,7 +291,8 @@ class Monitor:
     # ----- lifecycle ------------------------------------------------------------------
     def detach(self) -> None:
         """Remove every hook this monitor installed."""
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
         for cap in (self.per_example, self.microbatch, self.counter):
             if cap is not None:
                 cap.remove()
@@ -383,6 +391,10 @@ class Monitor:
                     pieces.append(s_stream[lo:hi])
             return torch.cat(pieces), PER_EXAMPLE
         return None
+
+    def observe_step(self) -> None:
+        """Read this step's gradients (call after backward, before the optimizer step)."""
+        self._pre_step(self.optimizer, (), {})
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()

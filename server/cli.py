@@ -142,10 +142,42 @@ def token_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def sync_command(settings: Settings, paths: list[str]) -> int:
+    """``sync PATH…``: upload spool files (a file, or a folder of ``*.spool``)."""
+    from pathlib import Path
+
+    from monitor_agent.sender import sync_spool
+
+    url = resolve_redis_url(settings.redis_url)
+    if url is None:
+        raise SystemExit(
+            "channelscope: no Redis: set CHANNELSCOPE_REDIS_URL or start `channelscope serve`"
+        )
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.glob("*.spool")) if p.is_dir() else [p])
+    failed = 0
+    for f in files:
+        try:
+            res = sync_spool(f, url)
+        except (OSError, redis.RedisError) as exc:
+            print(f"{f}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{f.name}: {res['ops']} ops sent, {res['already_there']} already there, "
+              f"{res['errors']} errors")  # fmt: skip
+        failed += bool(res["errors"])
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``channelscope`` console script."""
     parser = argparse.ArgumentParser(prog="channelscope")
     sub = parser.add_subparsers(dest="command", required=True)
+    p_sync = sub.add_parser("sync", help="upload agent spool files written while offline")
+    p_sync.add_argument(
+        "paths", nargs="+", help="spool files or folders (default spool: ~/.channelscope/spool)"
+    )
     p_token = sub.add_parser("token", help="create, list or revoke API tokens")
     tsub = p_token.add_subparsers(dest="token_command", required=True)
     t_create = tsub.add_parser("create")
@@ -167,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "token":
         return token_command(Settings(), args)
+    if args.command == "sync":
+        return sync_command(Settings(), args.paths)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
     if args.command == "serve":

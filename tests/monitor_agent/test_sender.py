@@ -88,3 +88,36 @@ def test_disabled_mode_sends_nothing(redis_client: redis.Redis, redis_url: str) 
     run.log({"x": 1.0}, step=0)
     run.finish()
     assert redis_client.dbsize() == 0
+
+
+def test_offline_spool_syncs_later_without_duplicates_and_a_run_resumes(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    run = cs.init("unit", "offline-sync", mode="offline")
+    for step in range(100):
+        run.log({"train/loss": float(step)}, step=step)
+    run.finish()
+    assert run._sender is not None
+    spool = run._sender.spool.path
+    assert spool.exists()
+    env = {"CHANNELSCOPE_REDIS_URL": redis_url, "PATH": ""}
+    for _ in range(2):  # a second sync of the same file changes nothing
+        copy = tmp_path / spool.name
+        copy.write_bytes(spool.read_bytes())
+        out = subprocess.run([sys.executable, "-m", "server.cli", "sync", str(copy)],
+                             env=env, capture_output=True, text=True, check=True)  # fmt: skip
+        assert "ops sent" in out.stdout
+        assert not copy.exists()
+    assert _steps(redis_client, run) == list(range(100))
+    # a crashed run resumes under the same id and keeps appending
+    resumed = cs.init("unit", "offline-sync", redis_url=redis_url, run_id=run.id, resume=True)
+    for step in range(100, 120):
+        resumed.log({"train/loss": float(step)}, step=step)
+    resumed.finish()
+    assert _steps(redis_client, run) == list(range(120))
+    meta = wire.decode_meta(redis_client.hgetall(run.keys.meta(run.id)))
+    assert meta["status"] == "finished"
+    assert "resumed_at" in meta

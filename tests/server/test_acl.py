@@ -15,7 +15,9 @@ RECIPE = [
 ]  # fmt: skip
 
 
-def test_agent_acl_user_writes_runs_and_nothing_else(redis_client: redis.Redis, redis_url: str) -> None:
+def test_agent_acl_user_writes_runs_and_nothing_else(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
     redis_client.acl_setuser("cs-agent", reset=True)
     redis_client.execute_command("ACL", "SETUSER", "cs-agent", *RECIPE)
     url = redis_url.replace("redis://", "redis://cs-agent:agent-secret@")
