@@ -22,7 +22,12 @@ import torch
 
 from experiments.runner import RunRecord, run_task
 from experiments.tasks import digits_label_noise, fresh_data, grokking
-from monitor_agent.memorization import OnsetRule, OnsetSettings
+from monitor_agent.memorization import (
+    MemorizationTracker,
+    OnsetRule,
+    OnsetSettings,
+    TailStatistics,
+)
 from server.embedded_redis import EmbeddedRedis
 
 DEFAULTS = OnsetSettings()
@@ -63,9 +68,44 @@ def _thin(steps: list[int], values: list[float], every: int) -> tuple[list[int],
     return [s for s, _ in out], [v for _, v in out]
 
 
+# Variants of the tail score, replayed offline with the agent's own tracker and onset rule
+# on the probe summaries the agent published during the run.
+TAIL_VARIANTS = {
+    "tail, ref when median < 0.25": OnsetSettings(reference="fitted", fitted_loss=0.25),
+    "tail, ref when median < 1.0": OnsetSettings(reference="fitted", fitted_loss=1.0),
+    "tail, ref = peak after warm-up": OnsetSettings(reference="peak"),
+}
+
+
+def replay_tail(rec: RunRecord, settings: OnsetSettings) -> tuple[int | None, int | None]:
+    """Onset and clear of the agent's tracker with ``settings`` fed the run's published
+    probe summaries (every 50 steps) and training loss (every 10 steps)."""
+    ms, mv = rec.series("memorization/probe_loss_median")
+    hs, hv = rec.series("memorization/disagree_fraction")
+    if not hs:
+        return None, None
+    med, dis = dict(zip(ms, mv, strict=True)), dict(zip(hs, hv, strict=True))
+    loss = dict(zip(rec.steps, rec.train_loss, strict=True))
+    tracker = MemorizationTracker(1.0, math.log(10), settings)
+    onset = cleared = None
+    for step in range(0, max(rec.steps) + 1, 10):
+        if step in loss:
+            tracker.observe_loss(loss[step])
+        if step in dis and step in med:
+            tracker.observe_tail(TailStatistics(med[step], 0.0, 0.0, dis[step]), 50, step)
+        for ev in tracker.step_onset(step):
+            if ev["kind"] == "memorization_onset" and onset is None:
+                onset = ev["step"]
+            elif ev["kind"] == "memorization_cleared" and onset is not None and cleared is None:
+                cleared = ev["step"]
+    return onset, cleared
+
+
 def candidates(rec: RunRecord) -> dict[str, tuple[int | None, int | None]]:
     """Onset (and clear) steps of every candidate indicator on one run."""
     out: dict[str, tuple[int | None, int | None]] = {}
+    for label, settings in TAIL_VARIANTS.items():
+        out[label] = replay_tail(rec, settings)
     for name in ("tail_score", "gradient_score"):
         steps, values = rec.series(f"memorization/{name}")
         out[name.removesuffix("_score")] = (
@@ -215,7 +255,7 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         if r.kind == "fresh" or (r.kind == "digits" and r.noise == 0)
     ]
     summary: dict[str, tuple[float | None, float | None]] = {}
-    for cand in ("tail", "gradient", "EB criterion", "mean GSNR", "loss plateau"):
+    for cand in (*TAIL_VARIANTS, "tail", "gradient", "EB criterion", "mean GSNR", "loss plateau"):
         hits = [hit(o[cand][0], r.test_min_step()) for r, o in noisy]
         silent = [o[cand][0] is None for _, o in controls]
         h = sum(hits) / len(hits) if hits else None

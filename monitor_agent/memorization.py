@@ -45,6 +45,7 @@ class OnsetSettings:
     warmup_steps: int = 200
     ema_steps: int = 100
     fitted_loss: float = 0.25
+    reference: str = "fitted"
     min_reference: float = 0.05
     probe_every: int = 50
 
@@ -156,14 +157,18 @@ class MemorizationTracker:
         self.population_progress += lr * q_rate * steps
         self.train_progress += lr * t_rate * steps
 
-    def observe_tail(self, tail: TailStatistics, steps: int) -> None:
-        """Feed the probe-loss summaries (on the probe schedule)."""
+    def observe_tail(self, tail: TailStatistics, steps: int, step: int) -> None:
+        """Feed the probe-loss summaries (on the probe schedule) at optimizer step ``step``."""
         self.last_tail = tail
         a = min(1.0, steps / max(self.settings.ema_steps, 1))
         self.h_bar = (
             tail.disagree if self.h_bar is None else (1 - a) * self.h_bar + a * tail.disagree
         )
-        if self.h_ref is None and tail.median < self.settings.fitted_loss:
+        if self.settings.reference == "peak":
+            # The most the network ever disagreed with its labels after warm-up.
+            if step >= self.settings.warmup_steps:
+                self.h_ref = max(self.h_ref or 0.0, self.h_bar)
+        elif self.h_ref is None and tail.median < self.settings.fitted_loss:
             self.h_ref = self.h_bar
 
     def gradient_score(self) -> float:

@@ -655,7 +655,7 @@ class Monitor:
         }
         if "tail" in host:
             med, q75, q90, h = host["tail"]
-            tracker.observe_tail(TailStatistics(med, q75, q90, h), tracker.settings.probe_every)
+            tracker.observe_tail(TailStatistics(med, q75, q90, h), tracker.settings.probe_every, step)
             out.update(
                 {
                     "memorization/probe_loss_median": med,
