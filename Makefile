@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test lint typecheck pytest chromium serve experiments bench clean
+.PHONY: demo test lint typecheck pytest chromium serve experiments bench bench-peers clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,3 +47,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
+
+# Peers for the overhead benchmark live in their own venv, installed with the torch
+# constraint (cockpit needs setuptools<81).
+.venv-peers/.installed: constraints.txt
+	test -x .venv-peers/bin/python || $(PY) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install --quiet --upgrade pip
+	.venv-peers/bin/python -m pip install --quiet -c $(CONSTRAINTS) -e . "setuptools<81" \
+	  backpack-for-pytorch cockpit-for-pytorch wandb
+	touch .venv-peers/.installed
+
+bench-peers: .venv-peers/.installed
+	.venv-peers/bin/python bench/agent_overhead.py --peers

@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import monitor_agent as cs
+from bench.peers import PEERS, Unsupported, describe
 from bench.workloads import WORKLOADS, Workload
 from server.embedded_redis import EmbeddedRedis
 
@@ -42,13 +44,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _plain_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    def step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def bench_workload(
-    w: Workload, rounds: int, steps: int, device: torch.device, redis_url: str, warmup: int = 100
+    w: Workload,
+    rounds: int,
+    steps: int,
+    device: torch.device,
+    redis_url: str,
+    warmup: int = 100,
+    with_peers: bool = False,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     base = w.make().to(device)
     x, y = w.batch(device)
-    setups = {}
+    setups: dict[str, tuple[Callable[[], None], Any]] = {}
     for name, kwargs in CONFIGS.items():
         model = copy.deepcopy(base)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -56,24 +76,30 @@ def bench_workload(
         if kwargs is not None:
             run = cs.init("bench", f"{w.name} {name}", redis_url=redis_url)
             run.watch(model, opt, batch_size=w.batch_size, dataset_size=50_000, **kwargs)
-        setups[name] = (model, opt, run)
+        setups[name] = (_plain_step(model, opt, x, y), run)
+    skipped: dict[str, str] = {}
+    for name, make in PEERS.items() if with_peers else []:
+        model = copy.deepcopy(base)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        try:
+            setups[name] = (make(model, opt, x, y), None)
+        except Unsupported as exc:
+            skipped[name] = str(exc)
 
     def train(name: str, n: int) -> float:
-        model, opt, _ = setups[name]
+        step = setups[name][0]
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
         _sync(device)
         return (time.perf_counter() - t0) / n
 
     # Warm-up: allocator, Adam state, and the agent settling its schedule to its budget
     # (it doubles its stride at each emission while over budget), as in a long run.
     for name in setups:
-        train(name, warmup)
+        # Peers have no schedule to settle (and some are two orders of magnitude slower).
+        train(name, warmup if name in CONFIGS else 3)
     times: dict[str, list[float]] = {name: [] for name in setups}
     for _ in range(rounds):
         for name in setups:
@@ -84,7 +110,7 @@ def bench_workload(
         ratios[name] = statistics.median(per_round)
     n_params = sum(p.numel() for p in base.parameters())
     extra = {}
-    for name, (_, _, run) in setups.items():
+    for name, (_, run) in setups.items():
         if run is not None:
             mon = run._monitor
             # state the agent keeps per step: s and m (floats) and the reservoir counter
@@ -97,6 +123,7 @@ def bench_workload(
         "ratios": ratios,
         "extra_buffers": extra,
         "params": n_params,
+        "skipped": skipped,
     }
 
 
@@ -107,6 +134,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="", help="substring of the workloads to run")
+    parser.add_argument(
+        "--peers", action="store_true", help="add the peer columns (make bench-peers)"
+    )
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "agent_overhead.md")
     )
@@ -121,7 +151,7 @@ def main() -> None:
                 continue
             steps = max(3, args.steps // 4) if "transformer" in w.name else args.steps
             warmup = 20 if "transformer" in w.name else 100
-            res = bench_workload(w, args.rounds, steps, device, redis.url, warmup)
+            res = bench_workload(w, args.rounds, steps, device, redis.url, warmup, args.peers)
             rows.append((w, res))
             print(
                 w.name,
@@ -131,6 +161,7 @@ def main() -> None:
             )
     finally:
         redis.stop()
+    columns = [c for c in CONFIGS if c != "no monitoring"] + (list(PEERS) if args.peers else [])
     lines = [
         "# Agent overhead",
         "",
@@ -142,23 +173,25 @@ def main() -> None:
         "(1.000 = no overhead). 'state' is the agent's per-step state as a fraction of one "
         "parameter-sized float32 buffer.",
         "",
-        "| workload | step (ms) | "
-        + " | ".join(c for c in CONFIGS if c != "no monitoring")
-        + " | state (default) |",
-        "|---|---|" + "---|" * (len(CONFIGS) - 1) + "---|",
+        "| workload | step (ms) | " + " | ".join(columns) + " | state (default) |",
+        "|---|---|" + "---|" * len(columns) + "---|",
     ]
     for w, res in rows:
-        cells = [f"{res['ratios'][c]:.3f}" for c in CONFIGS if c != "no monitoring"]
+        cells = [f"{res['ratios'][c]:.3f}" if c in res["ratios"] else "n/a" for c in columns]
         lines.append(
             f"| {w.name} | {res['step_ms']:.2f} | "
             + " | ".join(cells)
             + f" | {res['extra_buffers']['channelscope default']:.3f} |"
         )
+    notes = sorted({f"{k}: {v}" for _, r in rows for k, v in r["skipped"].items()})
     lines += [
         "",
-        "Peers (Cockpit, BackPACK, wandb.watch) are not measured here: see the issue note.",
-        "",
+        "Peers: "
+        + (describe(None) if args.peers else "not run (make bench-peers runs them)")
+        + ".",
     ]
+    lines += [f"* n/a — {n}" for n in notes]
+    lines.append("")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")
