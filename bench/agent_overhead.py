@@ -35,7 +35,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "no monitoring": None,
     "channelscope default": {},
     "per-example every 50": {"noise": "per_example", "per_example_every": 50},
-    "per-example every step": {"noise": "per_example", "per_example_every": 1},
+    "per-example every step": {"noise": "per_example", "per_example_every": 1, "emit_every": 1},
 }
 
 

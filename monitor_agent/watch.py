@@ -495,7 +495,11 @@ class Monitor:
             self.microbatch.reset()
         if self.per_example is not None:
             self.per_example.reset()
-            self.per_example.active = (step + 1) % self.per_example_every == 0
+            # Exact statistics are only read on emitted steps: capture only before those.
+            nxt = step + 1
+            self.per_example.active = (
+                nxt % self.per_example_every == 0 and nxt % self.emit_every == 0
+            )
 
     def streaming_noise(self, beta: float) -> torch.Tensor:
         """ŝ from the streaming estimator: the EMA of (g_t − m_{t−1})², bias-corrected
@@ -655,7 +659,9 @@ class Monitor:
         }
         if "tail" in host:
             med, q75, q90, h = host["tail"]
-            tracker.observe_tail(TailStatistics(med, q75, q90, h), tracker.settings.probe_every, step)
+            tracker.observe_tail(
+                TailStatistics(med, q75, q90, h), tracker.settings.probe_every, step
+            )
             out.update(
                 {
                     "memorization/probe_loss_median": med,
