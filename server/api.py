@@ -15,6 +15,7 @@ from server.downsample import downsample
 from server.export import scalar_table, to_csv, to_parquet
 from server.ingest import Ingestor
 from server.live import stream_run
+from server.rollups import read_rolled
 from server.store import Store, valid_cursor
 
 COOKIE = "cs_token"
@@ -192,6 +193,13 @@ async def scalars(
     store = _store(request)
     await _require_meta(store, run_id, request)
     wanted = _names(names)
+    budget = max_points or request.app.state.settings.default_max_points
+    if since is None and not with_time:
+        # A long run: rollups for what they cover, the raw stream for the rest.
+        length = await store.client.xlen(store.keys.stream(run_id, "scalars"))
+        rolled = await read_rolled(store, run_id, wanted, budget) if length > 4 * budget else None
+        if rolled is not None:
+            return {"series": rolled[0], "cursor": rolled[1], "source": "rollup"}
     records, cursor = await store.read(run_id, "scalars", since)
     points: dict[str, list[tuple[int, float | None]]] = {}
     wall: dict[int, float] = {}
@@ -200,7 +208,6 @@ async def scalars(
         for name, value in rec["s"].items():
             if wanted is None or name in wanted:
                 points.setdefault(name, []).append((rec["step"], _clean(value)))
-    budget = max_points or request.app.state.settings.default_max_points
     series: dict[str, Any] = {}
     for name, pts in sorted(points.items()):
         pts.sort(key=lambda p: p[0])
@@ -339,15 +346,7 @@ async def delete_run(request: Request, run_id: str) -> dict[str, Any]:
     """Delete a run and all its keys (admin only)."""
     store = _store(request)
     meta = await _require_meta(store, run_id, request, role="admin")
-    keys = store.keys
-    names = [keys.meta(run_id), *(keys.stream(run_id, k) for k in wire.STREAM_KINDS)]
-    async for key in store.client.scan_iter(match=f"{keys.prefix}run:{{{run_id}}}:*"):
-        names.append(key.decode() if isinstance(key, bytes) else key)
-    pipe = store.client.pipeline(transaction=False)
-    pipe.delete(*set(names))
-    pipe.zrem(keys.runs(), run_id)
-    pipe.zrem(keys.project_runs(meta.get("project", "")), run_id)
-    await pipe.execute()
+    await store.delete_run(run_id, meta.get("project", ""))
     return {"deleted": run_id}
 
 

@@ -15,6 +15,7 @@ from server.api import api, router
 from server.auth import LOOPBACK
 from server.embedded_redis import EmbeddedRedis
 from server.ingest import Ingestor
+from server.rollups import RollupWriter
 from server.settings import Settings
 from server.store import Store
 
@@ -43,14 +44,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = Store(client, settings.prefix, settings.crashed_after_s)
         ingestor = Ingestor(store, settings.poll_interval_s)
         alerts = AlertEngine(store, settings.poll_interval_s)
+        rollups = RollupWriter(store, settings.poll_interval_s)
         app.state.store = store
         app.state.ingestor = ingestor
         app.state.alerts = alerts
+        app.state.rollups = rollups
         ingestor.start()
         alerts.start()
+        rollups.start()
         try:
             yield
         finally:
+            await rollups.stop()
             await alerts.stop()
             await ingestor.stop()
             await client.aclose()

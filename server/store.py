@@ -155,3 +155,15 @@ class Store:
             if len(chunk) < READ_CHUNK or (limit is not None and len(records) >= limit):
                 break
         return records, cursor
+
+    async def delete_run(self, run_id: str, project: str) -> None:
+        """Delete every key of a run and its index entries."""
+        keys = self.keys
+        names = {keys.meta(run_id), *(keys.stream(run_id, k) for k in wire.STREAM_KINDS)}
+        async for key in self.client.scan_iter(match=f"{keys.prefix}run:{{{run_id}}}:*"):
+            names.add(key.decode() if isinstance(key, bytes) else key)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(*names)
+        pipe.zrem(keys.runs(), run_id)
+        pipe.zrem(keys.project_runs(project), run_id)
+        await pipe.execute()

@@ -1,0 +1,84 @@
+"""Long runs: reads come from multi-resolution rollups and survive raw-stream trimming."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import httpx
+import pytest
+import redis
+
+import monitor_agent as cs
+from server.rollups import WIDTHS
+
+
+def _wait_rolled(redis_client: redis.Redis, run: cs.Run, last_step: int) -> None:
+    deadline = time.monotonic() + 30
+    key = f"cs:run:{{{run.id}}}:rollup:state"
+    while time.monotonic() < deadline:
+        got = redis_client.hget(key, "last_step")
+        if got is not None and int(got) >= last_step:
+            return
+        time.sleep(0.1)
+    raise AssertionError("rollups did not catch up")
+
+
+def test_long_run_read_uses_rollups_with_exact_bucket_extremes(
+    api: httpx.Client, redis_url: str, redis_client: redis.Redis
+) -> None:
+    n = 30_000
+    values = [math.sin(s / 300) + (5.0 if s == 12_345 else 0.0) for s in range(n)]
+    # a small MAXLEN: the raw stream forgets the early steps, the rollups keep them
+    with cs.init("long", "run", redis_url=redis_url, maxlen=5_000) as run:
+        for start in range(0, n, 2_500):
+            for s in range(start, start + 2_500):
+                run.log({"train/loss": values[s]}, s)
+            run.flush()
+            # the server folds each chunk before the stream trims it
+            _wait_rolled(redis_client, run, start + 2_499)
+    assert redis_client.xlen(run.keys.stream(run.id, "scalars")) < 10_000
+    body = api.get(f"/api/runs/{run.id}/scalars", params={"max_points": 200}).json()
+    assert body["source"] == "rollup"
+    series = body["series"]["train/loss"]
+    assert len(series["step"]) <= 200
+    assert series["step"][0] < WIDTHS[2]  # history trimmed from the stream is still there
+    assert series["step"][-1] == n - 1
+    assert max(series["max"]) == pytest.approx(max(values))  # the spike survives
+    # each rolled bucket's min/max equal the brute-force extremes of its steps
+    width = next(w for w in WIDTHS if n / w <= 100)
+    for step, lo, hi in zip(series["step"], series["min"], series["max"], strict=True):
+        b = step // width
+        chunk = values[b * width : min((b + 1) * width, n)]
+        assert lo == pytest.approx(min(chunk))
+        assert hi == pytest.approx(max(chunk))
+    # incremental reads continue from the cursor on the raw stream
+    again = api.get(f"/api/runs/{run.id}/scalars", params={"since": body["cursor"]}).json()
+    assert again["series"] == {}
+
+
+def test_retention_deletes_old_finished_runs(
+    api: httpx.Client, redis_url: str, redis_client: redis.Redis
+) -> None:
+    import asyncio
+
+    old = cs.init("short-lived", "old", redis_url=redis_url)
+    old.log({"x": 1.0}, 0)
+    old.finish()
+    redis_client.zadd("cs:project:{short-lived}:runs", {old.id: time.time() - 10 * 86400})
+    redis_client.hset("cs:project:{short-lived}:settings", "retention_days", 7)
+
+    import redis.asyncio as aioredis
+
+    from server.rollups import RollupWriter
+    from server.store import Store
+
+    async def apply() -> int:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await RollupWriter(Store(client, "cs:", 60.0), 0.1).apply_retention()
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(apply()) == 1
+    assert api.get(f"/api/runs/{old.id}").status_code == 404
