@@ -44,6 +44,8 @@ class Plan:
 
 FULL = Plan([0.0, 0.1, 0.2, 0.4], [0, 1, 2], 3000, [0, 1, 2], 8000)
 QUICK = Plan([0.0, 0.2], [0], 1200, [0], 0)
+# Seeds never looked at while choosing the definition: a check of the chosen default.
+VALIDATION_SEEDS = [3, 4]
 
 
 def _onset(
@@ -265,6 +267,47 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
             f"| {cand} | {sum(hits)}/{len(hits)} ({_fmt(h * 100 if h is not None else None, 0)} %) "
             f"| {sum(silent)}/{len(silent)} ({_fmt(q * 100 if q is not None else None, 0)} %) |"
         )
+    early = [r.name for r, _ in noisy if r.test_min_step() < DEFAULTS.warmup_steps]
+    lines += [
+        "",
+        f"{len(early)} of these {len(noisy)} runs have their held-out minimum before the "
+        f"{DEFAULTS.warmup_steps}-step warm-up ({', '.join(early) or 'none'}); no rule with a "
+        "warm-up can hit them, and they are counted as misses.",
+        "",
+        "### How the default was chosen",
+        "",
+        "The first tail definition froze the reference H_ref when the probe's median loss first "
+        "fell below 0.25 (row 'ref when median < 0.25', the agent's live alarm in the first full "
+        "run): it never fired on 40 %-noise runs, whose median stays high while the noisy "
+        "examples are being fitted. Taking the largest disagreeing fraction seen after warm-up "
+        "as the reference ('ref = peak') fires on them and keeps every control silent, and has "
+        "no loss threshold to tune, so it became the default. This choice was made on seeds "
+        "0–2; seeds 3–4 below were run only afterwards, as a check.",
+    ]
+    valid = [(r, a) for r, _, a, _ in per_run if r.kind == "digits-validation"]
+    if valid:
+        v_noisy = [(r, a) for r, a in valid if r.noise > 0 and r.clear_minimum()]
+        v_clean = [(r, a) for r, a in valid if r.noise == 0]
+        v_hits = sum(hit(a, r.test_min_step()) for r, a in v_noisy)
+        lines += [
+            "",
+            "### Validation on seeds 3–4 (the agent's live alarm, default settings)",
+            "",
+            "| run | held-out min step | agent onset | within ×1.5 |",
+            "|---|---|---|---|",
+        ]
+        for r, a in valid:
+            ok = (
+                "—"
+                if r.noise == 0 or not r.clear_minimum()
+                else ("yes" if hit(a, r.test_min_step()) else "no")
+            )
+            lines.append(f"| {r.name} | {r.test_min_step()} | {_fmt(a)} | {ok} |")
+        lines += [
+            "",
+            f"Noisy runs with a clear minimum hit: {v_hits}/{len(v_noisy)}; clean runs with no alarm: "
+            f"{sum(a is None for _, a in v_clean)}/{len(v_clean)}.",
+        ]
     agent_hits = [hit(a, r.test_min_step()) for r, _, a, _ in per_run if r in [n for n, _ in noisy]]
     agent_silent = [a is None for r, _, a, _ in per_run if r in [c for c, _ in controls]]
     corrs = [c for _, _, _, c in per_run if c is not None]
@@ -272,7 +315,7 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
     s_rate = sum(agent_silent) / len(agent_silent) if agent_silent else None
     lines += [
         "",
-        "## Targets (the agent's own alarm, default settings)",
+        "## Targets (the agent's own alarm, default settings, seeds 0–2 and the controls)",
         "",
         f"* Label-noise runs with a clear held-out minimum, onset within a factor 1.5 of its step in ≥ 80 %: "
         f"{sum(agent_hits)}/{len(agent_hits)} — **{'met' if h_rate is not None and h_rate >= 0.8 else 'not met'}**.",
@@ -328,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     redis = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
     records: list[RunRecord] = []
     jobs: list[tuple[str, Callable[[], RunRecord]]] = []
+    seeds = plan.seeds + ([] if args.quick else VALIDATION_SEEDS)
     for noise in plan.noises:
-        for seed in plan.seeds:
-            jobs.append((f"digits {noise} {seed}", lambda n=noise, s=seed: run_task(
-                digits_label_noise(n, s), "digits", plan.steps, redis.url, noise=n)))  # fmt: skip
+        for seed in seeds:
+            kind = "digits-validation" if seed in VALIDATION_SEEDS else "digits"
+            jobs.append((f"digits {noise} {seed}", lambda n=noise, s=seed, k=kind: run_task(
+                digits_label_noise(n, s), k, plan.steps, redis.url, noise=n)))  # fmt: skip
     for seed in plan.fresh_seeds:
         jobs.append(
             (

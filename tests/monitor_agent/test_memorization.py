@@ -32,17 +32,30 @@ def test_onset_needs_a_falling_training_loss_to_arm() -> None:
 
 
 def test_tail_score_tracks_the_disagreeing_fraction_after_the_bulk_is_fitted() -> None:
-    tracker = MemorizationTracker(0.05, chance_loss=2.3, settings=OnsetSettings(ema_steps=1))
+    fitted = OnsetSettings(ema_steps=1, reference="fitted")
+    tracker = MemorizationTracker(0.05, chance_loss=2.3, settings=fitted)
     tracker.observe_tail(TailStatistics(median=1.5, q75=2.0, q90=3.0, disagree=0.4), 50, 300)
     assert tracker.h_ref is None  # bulk not fitted yet
     tracker.observe_tail(TailStatistics(0.1, 1.0, 5.0, 0.2), 50, 350)
     assert tracker.h_ref == pytest.approx(0.2)
     tracker.observe_tail(TailStatistics(0.05, 0.5, 4.0, 0.1), 50, 400)
     assert tracker.tail_score() == pytest.approx(0.5)
-    small = MemorizationTracker(0.05, 2.3, OnsetSettings(ema_steps=1, min_reference=0.3))
+    small = MemorizationTracker(
+        0.05, 2.3, OnsetSettings(ema_steps=1, min_reference=0.3, reference="fitted")
+    )
     small.observe_tail(TailStatistics(0.1, 1.0, 5.0, 0.2), 50, 300)
     small.observe_tail(TailStatistics(0.1, 1.0, 5.0, 0.0), 50, 350)
     assert small.tail_score() == 0.0
+
+
+def test_peak_reference_is_the_most_disagreement_after_warm_up() -> None:
+    tracker = MemorizationTracker(0.05, 2.3, OnsetSettings(ema_steps=1, warmup_steps=200))
+    tracker.observe_tail(TailStatistics(2.0, 2.0, 3.0, 0.6), 50, 100)  # warm-up: ignored
+    assert tracker.h_ref is None
+    for step, h in ((200, 0.3), (250, 0.35), (300, 0.2), (350, 0.07)):
+        tracker.observe_tail(TailStatistics(1.0, 2.0, 3.0, h), 50, step)
+    assert tracker.h_ref == pytest.approx(0.35)
+    assert tracker.tail_score() == pytest.approx(0.8)
 
 
 def test_gradient_score_and_progress_curves() -> None:
