@@ -83,6 +83,10 @@ def train(
             batch_size=len(task.train_y),
             dataset_size=len(task.train_y),
             emit_every=10,
+            # A fixed probe of training pairs: the spectrum and the memorization score.
+            probe=(task.train_x[:64], task.train_y[:64]),
+            projections=2,
+            k=8,
         )
     start = time.perf_counter()
     last: dict[str, float] = {}
