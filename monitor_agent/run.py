@@ -143,16 +143,17 @@ class Run:
         atexit.register(self._at_exit)
 
     # ----- plumbing -------------------------------------------------------------------
-    def _touch_ops(self) -> list[Op]:
+    def _touch_ops(self, with_records: bool) -> list[Op]:
+        # updated_at is the heartbeat (the server tells a crash by it); last_record_at
+        # moves only with data (the server tells a stalled run by it).
         now = time.time()
+        fields = {"updated_at": str(now), "step": str(max(self._step, 0))}
+        if with_records:
+            fields["last_record_at"] = str(now)
         return [
             ("zadd", self.keys.runs(), {self.id: now}),
             ("zadd", self.keys.project_runs(self.project), {self.id: now}),
-            (
-                "hset",
-                self.keys.meta(self.id),
-                {"updated_at": str(now), "step": str(max(self._step, 0))},
-            ),
+            ("hset", self.keys.meta(self.id), fields),
         ]
 
     def _submit(self, ops: list[Op]) -> None:

@@ -184,7 +184,7 @@ class Sender:
         spool_limit_bytes: int = 512 * 1024 * 1024,
         batch_size: int = 512,
         retry_every_s: float = 1.0,
-        on_batch: Callable[[], list[Op]] | None = None,
+        on_batch: Callable[[bool], list[Op]] | None = None,
         heartbeat_s: float = 5.0,
     ) -> None:
         self._url_source = url_source
@@ -319,7 +319,7 @@ class Sender:
             # The touch ops (last-seen time, step) ride on every batch and double as a
             # heartbeat while training is quiet, so the server can tell a crash.
             if self._on_batch is not None and (ops or now - self._last_touch > self._heartbeat_s):
-                ops.extend(self._on_batch())
+                ops.extend(self._on_batch(bool(ops)))
                 self._last_touch = now
             try:
                 if ops or self.spool.pending():

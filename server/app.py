@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("embedded Redis at %s (data in %s)", url, embedded.data_dir)
         app.state.redis_url = url
         client = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
-        store = Store(client, settings.prefix, settings.crashed_after_s)
+        store = Store(client, settings.prefix, settings.crashed_after_s, settings.stalled_after_s)
         ingestor = Ingestor(store, settings.poll_interval_s)
         alerts = AlertEngine(store, settings.poll_interval_s)
         rollups = RollupWriter(store, settings.poll_interval_s)

@@ -64,7 +64,9 @@ class EmbeddedRedis:
             "--port", str(self.port),
             "--dir", str(self.data_dir),
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
+            # Group commit: one fsync per event-loop pass, and agents pipeline their
+            # writes, so a killed server loses nothing it acknowledged.
+            "--appendfsync", "always",
             "--save", "",
             "--protected-mode", "yes",
             "--daemonize", "no",
@@ -114,6 +116,15 @@ class EmbeddedRedis:
         if self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the server (for failure tests): no shutdown, no final AOF flush."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            if self.proc.stderr:
+                self.proc.stderr.close()
+            self.proc = None
 
     def unpublish(self) -> None:
         """Remove the endpoint file if it still names this server."""

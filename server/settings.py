@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     crashed_after_s: float = Field(
         default=60.0, gt=0, description="a running run silent this long is reported crashed"
     )
+    stalled_after_s: float = Field(
+        default=300.0, gt=0, description="a running run with no data this long is stalled"
+    )
     default_max_points: int = Field(default=2000, ge=2)
     auth: Literal["auto", "on", "off"] = Field(
         default="auto",

@@ -55,18 +55,29 @@ def _float(x: Any, default: float = 0.0) -> float:
 class Store:
     """Async reader of runs and their streams; one per server process."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, crashed_after_s: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        crashed_after_s: float,
+        stalled_after_s: float = 300.0,
+    ) -> None:
         self.client = client
         self.keys = wire.Keys(prefix)
         self.crashed_after_s = crashed_after_s
+        self.stalled_after_s = stalled_after_s
         self.skipped = SkipCounter()
 
     def run_summary(self, run_id: str, meta: dict[str, Any]) -> dict[str, Any]:
         """The runs-list row of DESIGN §5.1 from a decoded meta hash."""
         status = meta.get("status") or "running"
         updated = _float(meta.get("updated_at"))
-        if status == "running" and time.time() - updated > self.crashed_after_s:
-            status = "crashed"
+        last_record = _float(meta.get("last_record_at"), updated)
+        now = time.time()
+        if status == "running" and now - updated > self.crashed_after_s:
+            status = "crashed"  # the agent's heartbeat stopped without a finish
+        elif status == "running" and now - last_record > self.stalled_after_s:
+            status = "stalled"  # alive, but no data for a while
         try:
             step = int(meta.get("step") or 0)
         except ValueError:

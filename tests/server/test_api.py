@@ -244,3 +244,42 @@ def test_live_push_resumes_with_last_event_id(live_server: object, redis_url: st
     steps = [json.loads(d)["step"] for _, k, d in first + resumed if k == "scalars"]
     assert steps == list(range(len(steps)))  # no gap
     run.finish()
+
+
+def test_run_status_running_finished_crashed_stalled() -> None:
+    import time as _time
+
+    from server.store import Store
+
+    store = Store(None, "cs:", crashed_after_s=60, stalled_after_s=300)  # type: ignore[arg-type]
+    now = _time.time()
+
+    def status(**meta: object) -> str:
+        return str(store.run_summary("r", {"status": "running", **meta})["status"])
+
+    assert status(updated_at=now, last_record_at=now) == "running"
+    assert status(updated_at=now - 120, last_record_at=now - 120) == "crashed"
+    assert status(updated_at=now, last_record_at=now - 600) == "stalled"
+    assert store.run_summary("r", {"status": "finished", "updated_at": 0})["status"] == "finished"
+
+
+def test_live_push_marks_a_gap_when_the_cursor_fell_behind_trimming(
+    live_server: object, redis_url: str, redis_client: redis.Redis
+) -> None:
+    from tests.conftest import LiveServer
+
+    assert isinstance(live_server, LiveServer)
+    run = cs.init("itest", "gap", redis_url=redis_url)
+    for step in range(50):
+        run.log({"train/loss": float(step)}, step)
+    run.flush()
+    key = run.keys.stream(run.id, "scalars")
+    old_cursor = redis_client.xrange(key, count=1)[0][0].decode()
+    redis_client.xtrim(
+        key, maxlen=10, approximate=False
+    )  # the history behind the client's cursor is gone
+    with httpx.stream("GET", f"{live_server.url}/api/runs/{run.id}/live",
+                      headers={"Last-Event-ID": old_cursor}, timeout=10) as resp:  # fmt: skip
+        first_event = next(line for line in resp.iter_lines() if line.startswith("event: "))
+    assert first_event == "event: gap"
+    run.finish()
