@@ -34,8 +34,14 @@ from server.embedded_redis import EmbeddedRedis
 CONFIGS: dict[str, dict[str, Any] | None] = {
     "no monitoring": None,
     "channelscope default": {},
-    "per-example every 50": {"noise": "per_example", "per_example_every": 50},
-    "per-example every step": {"noise": "per_example", "per_example_every": 1, "emit_every": 1},
+    # Exact columns run at their stated cadence: no budget thinning.
+    "per-example every 50": {"noise": "per_example", "per_example_every": 50, "budget": None},
+    "per-example every step": {
+        "noise": "per_example",
+        "per_example_every": 1,
+        "emit_every": 1,
+        "budget": None,
+    },
 }
 
 

@@ -34,6 +34,7 @@ from monitor_agent.per_example import PerExampleCapture
 from monitor_agent.spectrum import GramianTracker, SpectrumReport, SpectrumSchedule, collect_probe
 
 NOISE_MODES = ("auto", "streaming", "microbatch", "per_example")
+MAX_EMIT_SCALE = 8
 STREAMING, MICROBATCH, PER_EXAMPLE = 0, 1, 2
 
 
@@ -139,6 +140,7 @@ class Monitor:
         self.dataset_size = dataset_size
         self.noise = noise
         self.emit_every = emit_every
+        self.emit_interval = emit_every  # what the budget has made of emit_every
         self.hist_every = hist_every or 10 * emit_every
         self.budget = budget
         self.per_example_every = per_example_every
@@ -417,7 +419,7 @@ class Monitor:
             if self.schedule.due(step):
                 self._update_spectrum(step)
             self._lrs.append(float(self.optimizer.param_groups[0].get("lr", 0.0)))
-        emit = step % self.emit_every == 0
+        emit = step % self.emit_interval == 0
         update = step % self.stride == 0
         if not (emit or update):
             self._reset_captures(step)
@@ -603,6 +605,7 @@ class Monitor:
         scalars: dict[str, float] = {
             "agent/dropped": float(stats.get("dropped", 0)),
             "agent/stride": float(self.stride),
+            "agent/emit_every": float(self.emit_interval),
             "signal/estimator": float(estimator),
         }
         if warm:
@@ -684,10 +687,19 @@ class Monitor:
             self.tracker.observe_loss(value)
 
     def _adapt(self, overhead: float) -> None:
-        """Thin the streaming update when over budget; thicken it when well under."""
+        """Over budget: thin the streaming update first, then space emissions out (up to
+        MAX_EMIT_SCALE × emit_every); well under budget: undo in reverse order."""
         if self.budget is None:
             return
-        if overhead > self.budget and self.stride < self.emit_every:
-            self.stride = min(self.stride * 2, self.emit_every)
-        elif overhead < self.budget / 4 and self.stride > 1:
-            self.stride //= 2
+        if overhead > self.budget:
+            if self.stride < self.emit_interval:
+                self.stride = min(self.stride * 2, self.emit_interval)
+            elif self.emit_interval < MAX_EMIT_SCALE * self.emit_every:
+                self.emit_interval *= 2
+                self.stride = self.emit_interval
+        elif overhead < self.budget / 4:
+            if self.emit_interval > self.emit_every:
+                self.emit_interval //= 2
+                self.stride = min(self.stride, self.emit_interval)
+            elif self.stride > 1:
+                self.stride //= 2
