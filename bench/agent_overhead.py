@@ -103,13 +103,21 @@ def bench_workload(
 
     # Warm-up: allocator, Adam state, and the agent settling its schedule to its budget
     # (it doubles its stride at each emission while over budget), as in a long run.
-    for name in setups:
+    for name in list(setups):
         # Peers have no schedule to settle (and some are two orders of magnitude slower).
-        train(name, warmup if name in CONFIGS else 3)
+        try:
+            train(name, warmup if name in CONFIGS else 3)
+        except Exception as exc:  # a peer failing on this model is reported, not fatal
+            if name in CONFIGS:
+                raise
+            skipped[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            del setups[name]
     times: dict[str, list[float]] = {name: [] for name in setups}
     for _ in range(rounds):
         for name in setups:
-            times[name].append(train(name, steps))
+            # Per-step times are compared, so the slow peers (Cockpit runs two orders of
+            # magnitude slower) may take fewer steps a round.
+            times[name].append(train(name, steps if name in CONFIGS else max(2, steps // 10)))
     ratios = {}
     for name in setups:
         per_round = [t / b for t, b in zip(times[name], times["no monitoring"], strict=True)]
