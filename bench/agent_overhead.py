@@ -127,10 +127,7 @@ def bench_workload(
     for name, (_, run) in setups.items():
         if run is not None:
             mon = run._monitor
-            # state the agent keeps per step: s and m (floats) and the reservoir counter
-            extra[name] = (2 * mon.n_coords * mon.s.element_size() + mon.n_coords * 4) / (
-                4 * n_params
-            )
+            extra[name] = mon.state_bytes() / (4 * n_params)
             run.finish()
     return {
         "step_ms": statistics.median(times["no monitoring"]) * 1e3,

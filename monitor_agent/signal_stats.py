@@ -82,7 +82,8 @@ def layer_statistics(
     g2 = g * g
     is_open = m2 > gate.alpha * s
     q = soft_gate(m2, s, gate.alpha, gate.soft_lambda)
-    closed_run.mul_(~is_open).add_((~is_open).to(closed_run.dtype))
+    # A saturating count of closed evaluations in a row (uint8: one byte a coordinate).
+    closed_run.mul_(~is_open).add_((~is_open).to(closed_run.dtype)).clamp_(max=254)
     persistent = (closed_run >= gate.reservoir_evals).to(g.dtype)
     pop_open = (m2_population > gate.alpha_n * s_population).to(g.dtype)
     counts = torch.tensor([hi - lo for lo, hi in bounds], dtype=g.dtype, device=g.device)

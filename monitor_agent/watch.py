@@ -158,7 +158,7 @@ class Monitor:
             alpha=1.0,
             soft_lambda=soft_lambda,
             alpha_n=st.training_set_alpha(batch_size, dataset_size),
-            reservoir_evals=max(1, math.ceil(reservoir_steps / emit_every)),
+            reservoir_evals=min(254, max(1, math.ceil(reservoir_steps / emit_every))),
         )
 
         named = _select(model, include, exclude)
@@ -185,8 +185,11 @@ class Monitor:
         ).to(device)
         zeros = torch.zeros(self.n_coords, dtype=self.dtype, device=device)
         self.s = zeros.clone()
-        self.m = zeros.clone()
-        self.closed_run = torch.zeros(self.n_coords, dtype=torch.int32, device=device)
+        # The agent's own first moment exists only when Adam's exp_avg cannot serve
+        # (another optimizer, or a coordinate sample): with Adam and full coverage the
+        # agent's state is one float buffer (s) and one byte per coordinate.
+        self._own_m: torch.Tensor | None = None
+        self.closed_run = torch.zeros(self.n_coords, dtype=torch.uint8, device=device)
         self.nonfinite = torch.zeros((), dtype=self.dtype, device=device)
         self.n_updates = 0
         self.stride = 1
@@ -325,6 +328,18 @@ class Monitor:
             groups.append(group_of[id(p)])
         self._adam_cache = (states, groups)
         return self._adam_cache
+
+    @property
+    def m(self) -> torch.Tensor:
+        """The agent's own first-moment EMA of the sampled gradient (allocated on use)."""
+        if self._own_m is None:
+            self._own_m = torch.zeros_like(self.s)
+        return self._own_m
+
+    def state_bytes(self) -> int:
+        """Bytes of per-coordinate state the agent keeps between steps."""
+        own = self._own_m.numel() * self._own_m.element_size() if self._own_m is not None else 0
+        return self.s.numel() * self.s.element_size() + own + self.closed_run.numel()
 
     def _first_moment(self, adam: Any) -> tuple[torch.Tensor, float, float]:
         """m_{t−1} before this step, the β of its EMA, and how many steps it has seen.
