@@ -1,8 +1,8 @@
 """The signal/noise statistics of DESIGN §4.1–4.3, as pure tensor functions.
 
-Everything works on one flat vector of (sampled) coordinates with a segment id per
-coordinate (its layer), so each statistic is a handful of kernels for all layers at
-once, computed on the device where the gradients live.
+Everything works on one flat vector of (sampled) coordinates in which each layer is a
+contiguous range, so each statistic is a handful of kernels for all layers at once,
+computed on the device where the gradients live.
 
 Inputs, per coordinate k, read after backward and before the optimizer step:
 * ``g``: the batch gradient ḡ_k of this step;
@@ -59,10 +59,6 @@ def soft_gate(m2: torch.Tensor, s: torch.Tensor, alpha: float, lam: float) -> to
     return excess / (excess + lam * s + _TINY)
 
 
-def _segment_sum(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, seg, x)
-
-
 def layer_statistics(
     g: torch.Tensor,
     s: torch.Tensor,
@@ -71,7 +67,6 @@ def layer_statistics(
     m2_population: torch.Tensor,
     s_population: torch.Tensor,
     closed_run: torch.Tensor,
-    seg: torch.Tensor,
     bounds: list[tuple[int, int]],
     batch_size: int,
     gate: GateSettings,

@@ -180,9 +180,6 @@ class Monitor:
             offset += m
         self.n_coords = offset
         self.full_coverage = all(sl is None for sl in self.idx)
-        self.seg = torch.cat(
-            [torch.full((hi - lo,), i, dtype=torch.long) for i, (lo, hi) in enumerate(self.bounds)]
-        ).to(device)
         zeros = torch.zeros(self.n_coords, dtype=self.dtype, device=device)
         self.s = zeros.clone()
         # The agent's own first moment exists only when Adam's exp_avg cannot serve
@@ -545,7 +542,7 @@ class Monitor:
             self._w_kind = adam is not None
         w = self._w
         per_layer, overall = st.layer_statistics(
-            g, s, m2, w, m_hat * m_hat, s, self.closed_run, self.seg, self.bounds,
+            g, s, m2, w, m_hat * m_hat, s, self.closed_run, self.bounds,
             self.batch_size, self.gate,
         )  # fmt: skip
         m2_pop = m_hat * m_hat
