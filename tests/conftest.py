@@ -83,7 +83,9 @@ class LiveServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(30)
+        # A server still running would keep consuming the next test's streams.
+        assert not self.thread.is_alive(), "test server did not stop"
 
 
 @pytest.fixture
