@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,9 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await rollups.stop()
-            await alerts.stop()
-            await ingestor.stop()
+            # Background loops get a bounded time to stop, so shutdown never hangs on one.
+            for stop in (rollups.stop(), alerts.stop(), ingestor.stop()):
+                try:
+                    await asyncio.wait_for(stop, timeout=5)
+                except (TimeoutError, asyncio.CancelledError):
+                    log.warning("a background task did not stop in time")
             await client.aclose()
             if embedded is not None:
                 embedded.unpublish()

@@ -64,7 +64,15 @@ class LiveServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning")
+        # A bounded graceful shutdown: a browser's or a client's keep-alive connection
+        # must not keep a test server (and its background readers) alive into the next test.
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=settings.port,
+            log_level="warning",
+            timeout_graceful_shutdown=3,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{settings.port}"
@@ -83,7 +91,10 @@ class LiveServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(30)
+        self.thread.join(15)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(15)
         # A server still running would keep consuming the next test's streams.
         assert not self.thread.is_alive(), "test server did not stop"
 
