@@ -237,28 +237,33 @@ class AlertEngine:
 
     def start(self) -> None:
         """Start the evaluator and notifier loops."""
+        self._stopping = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._loop(self.evaluate_once), name="cs-alerts"),
             asyncio.create_task(self._loop(self.notify_once), name="cs-notify"),
         ]
 
-    async def stop(self) -> None:
-        """Stop both loops."""
-        for t in self._tasks:
+    async def stop(self, grace_s: float = 8.0) -> None:
+        """Stop both loops; a delivery in progress is finished (and acknowledged) first,
+        so a restart does not send it again."""
+        self._stopping.set()
+        _, pending = await asyncio.wait(self._tasks, timeout=grace_s)
+        for t in pending:
             t.cancel()
-        for t in self._tasks:
+        for t in pending:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
     async def _loop(self, once: Any) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis may go away; the loop must outlive it
                 log.warning("alert loop: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(self.interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval_s)
 
     async def _group(self, key: str, group: str) -> None:
         if (key, group) in self._groups:
@@ -413,20 +418,29 @@ class AlertEngine:
     async def notify_once(self) -> None:
         """Deliver what the outbox holds (and what dead notifiers left pending)."""
         key = outbox_key(self.store)
+        client = self.store.client
         for entry_id, fields in await self._entries(key, NOTIFY_GROUP):
+            if self._stopping.is_set():
+                return  # the rest stays pending for the next notifier
             alert_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            marker = f"{self.store.keys.prefix}delivered:{alert_id}"
+            if await client.exists(marker):
+                # Delivered by a notifier that died before acknowledging: never twice.
+                await client.xack(key, NOTIFY_GROUP, entry_id)
+                continue
             try:
                 note = json.loads(fields[b"d"])
             except (KeyError, ValueError):
-                await self.store.client.xack(key, NOTIFY_GROUP, entry_id)
+                await client.xack(key, NOTIFY_GROUP, entry_id)
                 continue
             status = await deliver(note, alert_id)
-            await self.store.client.xack(key, NOTIFY_GROUP, entry_id)
             if status is not None and status < 300:
+                await client.set(marker, "1", ex=7 * 24 * 3600)
                 self.delivered += 1
             else:
                 self.failed += 1
                 log.warning("alert %s not delivered (status %s)", alert_id, status)
+            await client.xack(key, NOTIFY_GROUP, entry_id)
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:

@@ -56,10 +56,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            # Background loops get a bounded time to stop, so shutdown never hangs on one.
+            # Background loops get a bounded time to stop (the notifier finishes a delivery
+            # first), so shutdown never hangs on one.
             for stop in (rollups.stop(), alerts.stop(), ingestor.stop()):
                 try:
-                    await asyncio.wait_for(stop, timeout=5)
+                    await asyncio.wait_for(stop, timeout=10)
                 except (TimeoutError, asyncio.CancelledError):
                     log.warning("a background task did not stop in time")
             await client.aclose()
