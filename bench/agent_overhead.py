@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import monitor_agent as cs
-from bench.peers import PEERS, Unsupported, describe
+from bench.peers import PEERS, Unsupported, describe, plain_step
 from bench.workloads import WORKLOADS, Workload
 from server.embedded_redis import EmbeddedRedis
 
@@ -50,18 +49,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _plain_step(
-    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-) -> Callable[[], None]:
-    def step() -> None:
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def bench_workload(
     w: Workload,
     rounds: int,
@@ -82,7 +69,7 @@ def bench_workload(
         if kwargs is not None:
             run = cs.init("bench", f"{w.name} {name}", redis_url=redis_url)
             run.watch(model, opt, batch_size=w.batch_size, dataset_size=50_000, **kwargs)
-        setups[name] = (_plain_step(model, opt, x, y), run)
+        setups[name] = (plain_step(model, opt, x, y), run)
     skipped: dict[str, str] = {}
     for name, make in PEERS.items() if with_peers else []:
         model = copy.deepcopy(base)

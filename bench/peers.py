@@ -22,6 +22,32 @@ class Unsupported(RuntimeError):
     """This peer cannot run on this model here."""
 
 
+def plain_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Step:
+    """One ordinary training step (the baseline every ratio divides by)."""
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _backpack_extended(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The model and loss extended by BackPACK, or Unsupported outside its whitelist."""
+    from backpack import extend
+
+    if any(
+        isinstance(m, nn.BatchNorm2d | nn.TransformerEncoderLayer | nn.Embedding)
+        for m in model.modules()
+    ):
+        raise Unsupported("layers outside BackPACK's whitelist")
+    return extend(model), extend(nn.CrossEntropyLoss())
+
+
 def vmap_variance(
     model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
 ) -> Step:
@@ -127,14 +153,7 @@ def wandb_watch(
         raise Unsupported("wandb is not installed") from exc
     wandb.init(mode="offline", dir=tempfile.mkdtemp(), project="bench")
     wandb.watch(model, log="gradients", log_freq=100)
-
-    def step() -> None:
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return plain_step(model, opt, x, y)
 
 
 PEERS: dict[str, Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], Step]] = {
