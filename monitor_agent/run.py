@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import operator
 import os
 import secrets
 import socket
@@ -198,8 +199,13 @@ class Run:
         """
         if step is None:
             step = self._step + 1
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        try:
+            # Any integer type (numpy, 0-d tensor) is fine; floats and bools are not.
+            step = operator.index(step) if not isinstance(step, bool) else -1
+        except TypeError:
+            step = -1
+        if step < 0:
+            raise ValueError("step must be a non-negative integer")
         self._step = max(self._step, step)
         values: dict[str, float] = {}
         for name, raw in metrics.items():

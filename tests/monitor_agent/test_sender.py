@@ -128,3 +128,18 @@ def test_offline_spool_syncs_later_without_duplicates_and_a_run_resumes(
     meta = wire.decode_meta(redis_client.hgetall(run.keys.meta(run.id)))
     assert meta["status"] == "finished"
     assert "resumed_at" in meta
+
+
+def test_log_accepts_any_integer_step_and_rejects_the_rest() -> None:
+    import numpy as np
+    import pytest
+    import torch
+
+    run = cs.init("unit", "steps", mode="disabled")
+    run.log({"a": 1.0}, step=np.int64(3))
+    run.log({"a": 1.0}, step=torch.tensor(7))
+    assert run.step == 7
+    for bad in (1.5, True, -1, "x"):
+        with pytest.raises(ValueError, match="non-negative integer"):
+            run.log({"a": 1.0}, step=bad)  # type: ignore[arg-type]
+    run.finish()
