@@ -42,7 +42,6 @@ EVENT_KINDS: Final = frozenset(
     }
 )
 SEVERITIES: Final = frozenset({"info", "warning", "error"})
-RUN_STATUSES: Final = frozenset({"running", "finished", "crashed", "stalled"})
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _PROJECT = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")

@@ -290,10 +290,8 @@ class AlertEngine:
     async def evaluate_once(self) -> None:
         """Evaluate what arrived on every active run, and check for stalled runs."""
         client, keys = self.store.client, self.store.keys
-        members: Any = await client.zrangebyscore(keys.runs(), time.time() - 7 * 24 * 3600, "+inf")
         rules_by_project: dict[str, list[dict[str, Any]]] = {}
-        for raw in members:
-            run_id = raw.decode() if isinstance(raw, bytes) else raw
+        for run_id in await self.store.active_runs():
             meta = await self.store.meta(run_id)
             if meta is None:
                 continue

@@ -20,8 +20,10 @@ from server.store import Store
 
 log = logging.getLogger("channelscope.server")
 
-ACTIVE_WINDOW_S = 7 * 24 * 3600
 PER_PASS = 2000
+SPARK_POINTS = 40
+# Scalars the runs list shows without reading streams.
+LATEST = {"signal/occupancy": "occupancy", "memorization/score": "memorization_score"}
 
 
 class Ingestor:
@@ -57,22 +59,52 @@ class Ingestor:
         """Read what arrived since the last pass; returns the number of entries read."""
         client: aioredis.Redis = self.store.client
         keys = self.store.keys
-        since = time.time() - ACTIVE_WINDOW_S
-        members: list[Any] = await client.zrangebyscore(keys.runs(), since, "+inf")
-        run_ids = [x.decode() if isinstance(x, bytes) else str(x) for x in members]
         total = 0
-        for run_id in run_ids:
-            cursors = self.cursors.setdefault(run_id, dict.fromkeys(wire.STREAM_KINDS, "0-0"))
+        for run_id in await self.store.active_runs():
+            cursor_key = f"{keys.prefix}run:{{{run_id}}}:ingest"
+            if run_id not in self.cursors:
+                # Resume where any replica left off: a restart neither re-reads history
+                # nor counts alerts twice.
+                saved: Any = await client.hgetall(cursor_key)
+                start = dict.fromkeys(wire.STREAM_KINDS, "0-0")
+                start.update({k.decode(): v.decode() for k, v in saved.items()})
+                self.cursors[run_id] = start
+            cursors = self.cursors[run_id]
             streams: dict[Any, Any] = {
                 keys.stream(run_id, k): cursors[k] for k in wire.STREAM_KINDS
             }
             reply: Any = await client.xread(streams, count=PER_PASS)
+            if not reply:
+                continue
+            latest: dict[Any, Any] = {}
+            spark: list[float] = []
+            alerts = 0
             for key, entries in reply:
                 kind = (key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[-1]
-                self.store.decode_entries(kind, entries, count=True)
+                for _, rec in self.store.decode_entries(kind, entries, count=True):
+                    if kind == "scalars":
+                        for name, short in LATEST.items():
+                            if name in rec["s"]:
+                                latest[short] = repr(rec["s"][name])
+                                if short == "occupancy":
+                                    spark.append(rec["s"][name])
+                    elif kind == "events" and rec["kind"] in ("alert", "memorization_onset"):
+                        alerts += 1
                 last = entries[-1][0]
                 cursors[kind] = last.decode() if isinstance(last, bytes) else last
                 total += len(entries)
+            latest_key = f"{keys.prefix}run:{{{run_id}}}:latest"
+            pipe = client.pipeline(transaction=False)
+            if latest:
+                pipe.hset(latest_key, mapping=latest)
+            if alerts:
+                pipe.hincrby(latest_key, "alerts", alerts)
+            if spark:
+                spark_key = f"{keys.prefix}run:{{{run_id}}}:spark"
+                pipe.rpush(spark_key, *[repr(v) for v in spark])
+                pipe.ltrim(spark_key, -SPARK_POINTS, -1)
+            pipe.hset(cursor_key, mapping=dict[Any, Any](cursors))
+            await pipe.execute()
         self.records += total
         return total
 

@@ -125,10 +125,8 @@ class RollupWriter:
     async def process_once(self) -> int:
         """Fold what arrived on every active run; returns the records folded."""
         client, keys = self.store.client, self.store.keys
-        members: Any = await client.zrangebyscore(keys.runs(), time.time() - 7 * 24 * 3600, "+inf")
         total = 0
-        for raw in members:
-            run_id = raw.decode() if isinstance(raw, bytes) else raw
+        for run_id in await self.store.active_runs():
             key = keys.stream(run_id, "scalars")
             await self._group(key)
             claimed: Any = await client.xautoclaim(

@@ -15,6 +15,7 @@ from monitor_agent import wire
 
 _STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 READ_CHUNK = 5000
+ACTIVE_WINDOW_S = 7 * 24 * 3600
 
 
 def valid_cursor(cursor: str) -> bool:
@@ -91,6 +92,13 @@ class Store:
             "started_at": _float(meta.get("started_at")),
             "updated_at": updated,
         }
+
+    async def active_runs(self) -> list[str]:
+        """Ids of the runs seen within ACTIVE_WINDOW_S: what the background readers follow."""
+        members: Any = await self.client.zrangebyscore(
+            self.keys.runs(), time.time() - ACTIVE_WINDOW_S, "+inf"
+        )
+        return [_text(x) for x in members]
 
     async def meta(self, run_id: str) -> dict[str, Any] | None:
         """Decoded meta hash of a run, or None when the run does not exist."""

@@ -283,3 +283,27 @@ def test_live_push_marks_a_gap_when_the_cursor_fell_behind_trimming(
         first_event = next(line for line in resp.iter_lines() if line.startswith("event: "))
     assert first_event == "event: gap"
     run.finish()
+
+
+def test_runs_list_carries_latest_occupancy_score_alerts_and_sparkline(
+    api: httpx.Client, redis_url: str
+) -> None:
+    run = cs.init("itest", "latest", redis_url=redis_url)
+    for step in range(30):
+        run.log({"signal/occupancy": step / 100, "memorization/score": 0.5}, step)
+    run.event("memorization_onset", "onset", severity="warning", step=20)
+    run.finish()
+    _wait_ready(api, 33)
+    deadline = time.monotonic() + 10
+    row: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        row = api.get("/api/runs").json()["runs"][0]
+        if row["occupancy"] is not None and row["alerts"]:
+            break
+        time.sleep(0.05)
+    assert row["occupancy"] == pytest.approx(0.29)
+    assert row["memorization_score"] == pytest.approx(0.5)
+    assert row["alerts"] == 1
+    spark = row["occupancy_spark"]
+    assert isinstance(spark, list)
+    assert spark[-1] == pytest.approx(0.29)
