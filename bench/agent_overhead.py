@@ -34,7 +34,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "no monitoring": None,
     "channelscope default": {},
     # Exact columns run at their stated cadence: no budget thinning.
-    "per-example every 50": {"noise": "per_example", "per_example_every": 50, "budget": None},
+    "per-example every 50": {"noise": "per_example", "emit_every": 50, "budget": None},
     "per-example every step": {
         "noise": "per_example",
         "per_example_every": 1,
@@ -125,6 +125,61 @@ def bench_workload(
     }
 
 
+def peak_memory_child(workload: str, config: str, device: str, redis_url: str) -> None:
+    """In a fresh process: train one configuration for 30 steps and print the peak
+    memory (CPU: the process's maximum resident set; CUDA: max_memory_allocated), bytes."""
+    import resource
+
+    dev = torch.device(device)
+    w = next(w for w in WORKLOADS if w.name == workload)
+    torch.manual_seed(0)
+    model = w.make().to(dev)
+    x, y = w.batch(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    kwargs = CONFIGS[config]
+    run = None
+    if kwargs is not None:
+        run = cs.init("bench", f"{workload} {config} memory", redis_url=redis_url)
+        run.watch(model, opt, batch_size=w.batch_size, dataset_size=50_000, **kwargs)
+    step = plain_step(model, opt, x, y)
+    for _ in range(30):
+        step()
+    _sync(dev)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if run is not None:
+        run.finish()
+    print(f"PEAK {peak}")
+
+
+def peak_memory(w: Workload, device: str, redis_url: str, repeats: int = 3) -> dict[str, float]:
+    """Peak memory added by each configuration over no monitoring, in parameter-sized
+    float32 buffers (median of ``repeats`` fresh processes per configuration)."""
+    import subprocess
+
+    def measure(config: str) -> float:
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", w.name, config,
+             "--device", device, "--redis-url", redis_url],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        return float(next(line for line in out.splitlines() if line.startswith("PEAK "))[5:])
+
+    peaks: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    for _ in range(repeats):
+        for config in CONFIGS:
+            peaks[config].append(measure(config))
+    params = sum(p.numel() for p in w.make().parameters())
+    base = statistics.median(peaks["no monitoring"])
+    return {
+        c: (statistics.median(v) - base) / (4 * params)
+        for c, v in peaks.items()
+        if c != "no monitoring"
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
@@ -138,8 +193,14 @@ def main() -> None:
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "agent_overhead.md")
     )
+    parser.add_argument("--memory", action="store_true", help="add the peak-memory table")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        peak_memory_child(*args.memory_child, args.device, args.redis_url)
+        return
     device = torch.device(args.device)
     redis = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
     rows = []
@@ -150,6 +211,8 @@ def main() -> None:
             steps = max(3, args.steps // 4) if "transformer" in w.name else args.steps
             warmup = 20 if "transformer" in w.name else 100
             res = bench_workload(w, args.rounds, steps, device, redis.url, warmup, args.peers)
+            if args.memory:
+                res["memory"] = peak_memory(w, args.device, redis.url)
             rows.append((w, res))
             print(
                 w.name,
@@ -181,6 +244,27 @@ def main() -> None:
             + " | ".join(cells)
             + f" | {res['extra_buffers']['channelscope default']:.3f} |"
         )
+    if args.memory:
+        kind = "max_memory_allocated" if device.type == "cuda" else "peak resident set (ru_maxrss)"
+        lines += [
+            "",
+            f"Peak memory added over no monitoring ({kind}, median of 3 fresh processes "
+            "training 30 steps each), in parameter-sized float32 buffers. On CPU the "
+            "resident set also holds the agent's Python modules and Redis client (a few "
+            "MiB), which dominates on the small models.",
+            "",
+            "| workload | params | "
+            + " | ".join(c for c in CONFIGS if c != "no monitoring")
+            + " |",
+            "|---|---|" + "---|" * (len(CONFIGS) - 1),
+        ]
+        for w, res in rows:
+            mem = res["memory"]
+            lines.append(
+                f"| {w.name} | {res['params']:,} | "
+                + " | ".join(f"{mem[c]:+.2f}" for c in CONFIGS if c != "no monitoring")
+                + " |"
+            )
     notes = sorted({f"{k}: {v}" for _, r in rows for k, v in r["skipped"].items()})
     lines += [
         "",

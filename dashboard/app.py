@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from dash import Dash, Input, Output, dcc, html
+from dash import Dash, Input, Output, State, dcc, html
 
 from dashboard import compare_page, rules_page, run_page, runs_page
 from dashboard.api_client import ApiClient
 
 CSS = """
 :root { --bg: #f8fafc; --fg: #0f172a; --panel: #ffffff; --line: #e2e8f0; --muted: #475569; }
+:root[data-theme="dark"] {
+  --bg: #0b1120; --fg: #e2e8f0; --panel: #111827; --line: #1f2937; --muted: #94a3b8;
+}
 @media (prefers-color-scheme: dark) {
-  :root { --bg: #0b1120; --fg: #e2e8f0; --panel: #111827; --line: #1f2937; --muted: #94a3b8; }
+  :root:not([data-theme="light"]) {
+    --bg: #0b1120; --fg: #e2e8f0; --panel: #111827; --line: #1f2937; --muted: #94a3b8;
+  }
 }
 body { font-family: system-ui, sans-serif; margin: 0; color: var(--fg); background: var(--bg); }
 .topbar { display: flex; gap: 1.5rem; align-items: center; padding: .6rem 1.2rem;
@@ -41,6 +46,9 @@ td.num { font-variant-numeric: tabular-nums; }
         max-width: 1200px; margin: .6rem 0; }
 .spark { height: 30px; width: 120px; }
 .link { font-size: .85rem; }
+.theme-toggle { margin-left: auto; background: transparent; color: #cbd5e1;
+                border: 1px solid #334155; border-radius: 4px; padding: .15rem .5rem;
+                cursor: pointer; font: inherit; font-size: .85rem; }
 """
 
 
@@ -64,11 +72,31 @@ def create_dash_app(settings: Any, server: Any) -> Dash:
                     dcc.Link("Runs", href="/"),
                     dcc.Link("Compare", href="/compare"),
                     dcc.Link("Alert rules", href="/rules"),
+                    html.Button(id="theme-toggle", className="theme-toggle", n_clicks=0),
                 ],
                 className="topbar",
             ),
+            # The theme choice lives in the browser (per user, not per team): auto
+            # follows the operating system's light/dark setting.
+            dcc.Store(id="theme", storage_type="local", data="auto"),
             html.Div(id="page", className="content"),
         ]
+    )
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        """function(n, theme) {
+            const order = ["auto", "light", "dark"];
+            const current = order.includes(theme) ? theme : "auto";
+            const ctx = window.dash_clientside.callback_context;
+            const clicked = n > 0 && ctx.triggered.some(t => t.prop_id === "theme-toggle.n_clicks");
+            const next = clicked ? order[(order.indexOf(current) + 1) % 3] : current;
+            if (next === "auto") { delete document.documentElement.dataset.theme; }
+            else { document.documentElement.dataset.theme = next; }
+            return [next, "theme: " + next];
+        }""",
+        Output("theme", "data"),
+        Output("theme-toggle", "children"),
+        Input("theme-toggle", "n_clicks"),
+        State("theme", "data"),
     )
 
     @app.callback(Output("page", "children"), Input("url", "pathname"))

@@ -44,6 +44,15 @@ def probe_mode(model: nn.Module) -> Iterator[None]:
                 m.train(flag)
 
 
+def default_memory_limit(device: torch.device) -> int:
+    """Bytes the batched kernel products may use at once: half the free memory of a CUDA
+    device, 1 GiB elsewhere (host memory is shared with the training process)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(free // 2, 1 << 26)
+    return 1 << 30
+
+
 class ProbeKernel:
     """Matrix-free access to K̃ on a fixed probe of training examples."""
 
@@ -56,6 +65,7 @@ class ProbeKernel:
         projections: int | str = 4,
         loss: str | None = None,
         seed: int = 0,
+        memory_limit: int | None = None,
     ) -> None:
         self.model = (
             model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -83,6 +93,26 @@ class ProbeKernel:
             self.proj = None
             self.r = self.n_out
         self.size = self.n_probe * self.r
+        self.memory_limit = memory_limit or default_memory_limit(inputs.device)
+        self.column_bytes = self._column_bytes()
+        self.chunk = max(1, self.memory_limit // self.column_bytes)
+
+    def _column_bytes(self) -> int:
+        """Memory one vmapped kernel-vector product adds, estimated from one forward pass:
+        a parameter-sized cotangent and its preconditioned copy, plus a tangent and a
+        cotangent for every activation the probe's forward pass saves."""
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        params = {n: p.detach().requires_grad_() for n, p in self._params().items()}
+        with probe_mode(self.model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._fz(params)
+        param_bytes = sum(p.numel() * p.element_size() for p in params.values())
+        return max(1, 2 * param_bytes + 2 * saved)
 
     @property
     def approximate(self) -> bool:
@@ -127,8 +157,10 @@ class ProbeKernel:
     def matmat(
         self, vs: torch.Tensor, precond: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """K̃ V for the columns of V (size n_p·R × c), batched with vmap."""
+        """K̃ V for the columns of V (size n_p·R × c), batched with vmap in chunks of
+        columns that fit ``memory_limit``."""
         params = self._params()
+        vs = vs.to(self._dtype())
         with probe_mode(self.model):
             _, pull = vjp(self._fz, params)[:2]
 
@@ -140,17 +172,15 @@ class ProbeKernel:
                 result: torch.Tensor = out / self.n_probe
                 return result
 
-            cols: torch.Tensor = vmap(one, in_dims=1, out_dims=1)(vs.to(self._dtype()))
-        return cols
+            batched = vmap(one, in_dims=1, out_dims=1)
+            starts = range(0, vs.shape[1], self.chunk)
+            cols = [batched(vs[:, lo : lo + self.chunk]) for lo in starts]
+        return torch.cat(cols, dim=1)
 
-    def explicit(
-        self, precond: dict[str, torch.Tensor] | None = None, chunk: int = 64
-    ) -> torch.Tensor:
+    def explicit(self, precond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The full K̃ (n_p·R square), built from products in chunks of columns."""
-        n = self.size
-        eye = torch.eye(n, dtype=self._dtype(), device=self.inputs.device)
-        cols = [self.matmat(eye[:, lo : lo + chunk], precond) for lo in range(0, n, chunk)]
-        k = torch.cat(cols, dim=1)
+        eye = torch.eye(self.size, dtype=self._dtype(), device=self.inputs.device)
+        k = self.matmat(eye, precond)
         return (k + k.T) / 2
 
     def _dtype(self) -> torch.dtype:

@@ -32,12 +32,13 @@ class PerExampleCapture:
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], chunk_size: int = 64) -> None:
         self.chunk_size = chunk_size
-        self.active = False
+        self._active = False
         self.sumsq: dict[torch.Tensor, torch.Tensor] = {}
         self.examples: dict[torch.Tensor, int] = {}
         self.unsupported: set[torch.Tensor] = set()
         self._handles: list[Any] = []
         self._busy = False
+        self._targets: list[tuple[nn.Module, list[tuple[str, nn.Parameter]]]] = []
         wanted = {id(p) for p in params}
         for module in model.modules():
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in wanted]
@@ -46,7 +47,25 @@ class PerExampleCapture:
             if isinstance(module, UNSUPPORTED_TYPES):
                 self.unsupported.update(p for _, p in own)
                 continue
-            self._handles.append(module.register_forward_hook(self._forward_hook(module, own)))
+            self._targets.append((module, own))
+
+    @property
+    def active(self) -> bool:
+        """Whether the next forward/backward is captured."""
+        return self._active
+
+    @active.setter
+    def active(self, on: bool) -> None:
+        # Hooks exist only while capturing: a module with a forward hook takes PyTorch's
+        # slow call path, which costs every step even when the hook returns at once.
+        if on and not self._handles:
+            self._handles = [
+                module.register_forward_hook(self._forward_hook(module, own))
+                for module, own in self._targets
+            ]
+        elif not on and self._handles:
+            self.remove()
+        self._active = on
 
     def reset(self) -> None:
         """Forget what was captured (call after the optimizer step)."""
@@ -54,10 +73,11 @@ class PerExampleCapture:
         self.examples.clear()
 
     def remove(self) -> None:
-        """Remove every hook."""
+        """Remove every hook (capture stays off until ``active`` is set again)."""
         for h in self._handles:
             h.remove()
-        self._handles.clear()
+        self._handles = []
+        self._active = False
 
     def _forward_hook(
         self, module: nn.Module, own: list[tuple[str, nn.Parameter]]

@@ -74,42 +74,43 @@ def layer_statistics(
     """Per-layer statistics (rows of LAYER_FIELDS × layers) and the overall ones
     (one value per field), as two device tensors. ``closed_run`` counts, per coordinate,
     how many evaluations in a row its gate was closed; it is updated in place."""
-    g2 = g * g
-    is_open = m2 > gate.alpha * s
-    q = soft_gate(m2, s, gate.alpha, gate.soft_lambda)
+    n_fields = 10
+    # Each column is written straight into one (fields × coordinates) buffer: no stack
+    # copy and no separate dtype conversions (this runs on every emitted step).
+    cols = torch.empty((n_fields, g.numel()), dtype=g.dtype, device=g.device)
+    is_open, q, qg2, g2, wloo, wg2, loo, s_col, pop_open, persistent = cols.unbind(0)
+    torch.mul(g, g, out=g2)
+    threshold = s if gate.alpha == 1 else gate.alpha * s
+    torch.sub(m2, threshold, out=loo)  # scratch: m² − αŝ
+    open_mask = loo > 0
+    is_open.copy_(open_mask)
+    loo.clamp_(min=0)
+    torch.div(loo, loo + gate.soft_lambda * s + _TINY, out=q)
+    torch.mul(q, g2, out=qg2)
+    torch.sub(g2, s, out=loo)
+    torch.mul(w, loo, out=wloo)
+    torch.mul(w, g2, out=wg2)
+    s_col.copy_(s)
     # A saturating count of closed evaluations in a row (uint8: one byte a coordinate).
-    closed_run.mul_(~is_open).add_((~is_open).to(closed_run.dtype)).clamp_(max=254)
-    persistent = (closed_run >= gate.reservoir_evals).to(g.dtype)
-    pop_open = (m2_population > gate.alpha_n * s_population).to(g.dtype)
-    counts = torch.tensor([hi - lo for lo, hi in bounds], dtype=g.dtype, device=g.device)
+    closed = open_mask.logical_not()
+    closed_run.mul_(closed).add_(closed).clamp_(max=254)
+    persistent.copy_(closed_run >= gate.reservoir_evals)
+    pop_open.copy_(m2_population > gate.alpha_n * s_population)
+    counts = _layer_counts(bounds, g.dtype, g.device)
 
-    columns = torch.stack(
-        [
-            is_open.to(g.dtype),
-            q,
-            q * g2,
-            g2,
-            w * (g2 - s),
-            w * g2,
-            g2 - s,
-            s,
-            pop_open,
-            persistent,
-        ]
-    )
     # Layers are contiguous ranges: one sum per slice is far cheaper than a scatter.
-    per_layer_sums = torch.stack([columns[:, lo:hi].sum(dim=1) for lo, hi in bounds], dim=1)
+    per_layer_sums = torch.stack([cols[:, lo:hi].sum(dim=1) for lo, hi in bounds], dim=1)
     total_sums = per_layer_sums.sum(dim=1)
 
     def assemble(sums: torch.Tensor, count: torch.Tensor, gsnr: torch.Tensor) -> torch.Tensor:
-        (occ, soft, qg2, g2s, wloo, wg2, loo, ss, pop, pers) = sums
+        (occ, soft, qg2_s, g2s, wloo_s, wg2_s, loo_s, ss, pop, pers) = sums
         return torch.stack(
             [
                 occ / count,
                 soft / count,
-                qg2 / (g2s + _TINY),
-                wloo / (wg2 + _TINY),
-                loo / (g2s + _TINY),
+                qg2_s / (g2s + _TINY),
+                wloo_s / (wg2_s + _TINY),
+                loo_s / (g2s + _TINY),
                 ss / (g2s + _TINY),
                 gsnr,
                 pop / count,
@@ -118,12 +119,36 @@ def layer_statistics(
         )
 
     snr = g2 / (batch_size * s + _TINY)
-    gsnr_layers = torch.stack([snr[lo:hi].median() for lo, hi in bounds])
+    gsnr_layers = torch.stack([_median_of(snr[lo:hi]) for lo, hi in bounds])
     per_layer = assemble(per_layer_sums, counts, gsnr_layers)
     overall = assemble(
-        total_sums.unsqueeze(1), counts.sum().unsqueeze(0), snr.median().unsqueeze(0)
+        total_sums.unsqueeze(1), counts.sum().unsqueeze(0), _median_of(snr).unsqueeze(0)
     )
     return per_layer, overall.squeeze(1)
+
+
+MEDIAN_MAX = 4096
+_COUNTS: dict[tuple[tuple[tuple[int, int], ...], torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _median_of(x: torch.Tensor) -> torch.Tensor:
+    """The median of x, or of MEDIAN_MAX evenly spaced entries of it when x is longer: a
+    selection over every coordinate was most of the cost of an emitted step, and the
+    median of 4,096 draws sits within ±1.6 % in rank of the full one (2σ)."""
+    n = x.numel()
+    if n > MEDIAN_MAX:
+        x = x[:: -(-n // MEDIAN_MAX)]
+    return x.median()
+
+
+def _layer_counts(
+    bounds: list[tuple[int, int]], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Coordinates per layer as a device tensor, made once per layout."""
+    key = (tuple(bounds), dtype, device)
+    if key not in _COUNTS:
+        _COUNTS[key] = torch.tensor([hi - lo for lo, hi in bounds], dtype=dtype, device=device)
+    return _COUNTS[key]
 
 
 def log_snr_histograms(

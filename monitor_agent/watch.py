@@ -122,6 +122,7 @@ class Monitor:
         probe_loss: str | None = None,
         exact_max: int = 512,
         sketch_size: int | None = None,
+        spectrum_memory: int | None = None,
         memorization: OnsetSettings | dict[str, Any] | None = None,
         hook: str = "optimizer",
     ) -> None:
@@ -189,7 +190,10 @@ class Monitor:
         self.closed_run = torch.zeros(self.n_coords, dtype=torch.uint8, device=device)
         self.nonfinite = torch.zeros((), dtype=self.dtype, device=device)
         self.n_updates = 0
-        self.stride = 1
+        # With exact per-example noise the streaming estimate is only the fallback for
+        # layers the capture cannot handle and the source of m̂: updating it on emitted
+        # steps is enough, and keeps the exact mode's cost at its own cadence.
+        self.stride = emit_every if noise == "per_example" else 1
         self.step = 0
         self._reported_nonfinite = 0.0
         self._agent_s = 0.0
@@ -224,6 +228,7 @@ class Monitor:
             self.kernel = ProbeKernel(
                 model, inputs.to(device), targets.to(device),
                 projections=projections, loss=probe_loss, seed=seed,
+                memory_limit=spectrum_memory,
             )  # fmt: skip
             self.gramian = GramianTracker(
                 self.kernel, k, exact_max=exact_max, sketch_size=sketch_size, seed=seed
@@ -512,7 +517,7 @@ class Monitor:
             # Exact statistics are only read on emitted steps: capture only before those.
             nxt = step + 1
             self.per_example.active = (
-                nxt % self.per_example_every == 0 and nxt % self.emit_every == 0
+                nxt % self.per_example_every == 0 and nxt % self.emit_interval == 0
             )
 
     def streaming_noise(self, beta: float) -> torch.Tensor:
@@ -699,15 +704,21 @@ class Monitor:
             self.tracker.observe_loss(value)
 
     def _adapt(self, overhead: float) -> None:
-        """Over budget: thin the streaming update first, then space emissions out (up to
-        MAX_EMIT_SCALE × emit_every); well under budget: undo in reverse order."""
+        """Over budget: cut the work by the measured excess at once (so a run settles in
+        one or two emissions), thinning the streaming update first and then spacing
+        emissions out (up to MAX_EMIT_SCALE × emit_every); well under budget: undo one
+        halving at a time, in reverse order, so the schedule does not oscillate."""
         if self.budget is None:
             return
         if overhead > self.budget:
-            if self.stride < self.emit_interval:
-                self.stride = min(self.stride * 2, self.emit_interval)
-            elif self.emit_interval < MAX_EMIT_SCALE * self.emit_every:
-                self.emit_interval *= 2
+            # Aim at 3/4 of the budget; work scales as 1/stride and 1/emit_interval.
+            need = 2 ** math.ceil(math.log2(overhead / (0.75 * self.budget)))
+            new_stride = min(self.stride * need, self.emit_interval)
+            need = max(1, need * self.stride // new_stride)
+            self.stride = new_stride
+            if need > 1:
+                limit = MAX_EMIT_SCALE * self.emit_every
+                self.emit_interval = min(self.emit_interval * need, limit)
                 self.stride = self.emit_interval
         elif overhead < self.budget / 4:
             if self.emit_interval > self.emit_every:

@@ -113,3 +113,26 @@ def test_runs_compare_and_rules_pages(live_server: LiveServer, redis_url: str) -
         page.click("text=delete")
         page.wait_for_selector("text=No rules for this project yet.")
         assert errors == []
+
+
+def test_theme_toggle_cycles_auto_light_dark_and_is_remembered(live_server: LiveServer) -> None:
+    background = "getComputedStyle(document.body).backgroundColor"
+    theme = "document.documentElement.dataset.theme || 'auto'"
+    with browser_page() as (page, errors):
+        page.goto(live_server.url + "/")
+        page.wait_for_selector("text=theme: auto")
+        page.click("#theme-toggle")
+        page.wait_for_selector("text=theme: light")
+        assert page.evaluate(theme) == "light"
+        assert page.evaluate(background) == "rgb(248, 250, 252)"
+        page.click("#theme-toggle")
+        page.wait_for_selector("text=theme: dark")
+        assert page.evaluate(background) == "rgb(11, 17, 32)"
+        screenshot(page, "runs-page-dark")
+        page.reload()  # the choice is kept in the browser's local storage
+        page.wait_for_selector("text=theme: dark")
+        assert page.evaluate(theme) == "dark"
+        page.click("#theme-toggle")
+        page.wait_for_selector("text=theme: auto")
+        assert page.evaluate(theme) == "auto"
+        assert errors == []

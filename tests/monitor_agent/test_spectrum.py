@@ -75,7 +75,8 @@ def test_kernel_from_products_equals_explicit_jacobian(name: str, adam: bool) ->
     kern = ProbeKernel(model, x, y, projections=2, seed=random.randrange(1000))
     params = {n: p.detach() for n, p in model.named_parameters()}
     precond = {n: torch.rand_like(p) + 0.1 for n, p in params.items()} if adam else None
-    got = kern.explicit(precond, chunk=7)
+    kern.chunk = 7  # several vmapped chunks, one of them ragged
+    got = kern.explicit(precond)
 
     def fz(ps: dict[str, torch.Tensor]) -> torch.Tensor:
         return kern._project(functional_call(model, ps, (x,)))
@@ -272,3 +273,15 @@ def test_kernel_through_torch_transformer_layers_matches_jacrev() -> None:
     model.train()
     j = torch.cat([jac[n].reshape(kern.size, -1) for n in params], dim=1)
     torch.testing.assert_close(got, j @ j.T / x.shape[0], rtol=1e-10, atol=1e-12)
+
+
+def test_kernel_products_are_chunked_to_the_memory_limit() -> None:
+    torch.manual_seed(random.randrange(10**9))
+    model, x, y = MODELS["mlp"]()
+    roomy = ProbeKernel(model, x, y, projections=2)
+    tight = ProbeKernel(model, x, y, projections=2, memory_limit=3 * roomy.column_bytes)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert roomy.column_bytes > 2 * n_params * 8  # float64 models
+    assert tight.chunk == 3 and roomy.chunk >= roomy.size
+    v = torch.randn(roomy.size, 10, dtype=torch.float64)
+    torch.testing.assert_close(tight.matmat(v), roomy.matmat(v), rtol=1e-12, atol=1e-12)

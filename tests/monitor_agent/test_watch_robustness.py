@@ -138,3 +138,36 @@ def test_sparse_embedding_frozen_layers_and_missing_gradients() -> None:
     lo, hi = mon.bounds[mon.names.index("unused.weight")]
     assert mon.snapshot["g"][lo:hi].abs().sum() == 0
     run.finish()
+
+
+def test_budget_cuts_work_by_the_measured_excess_in_one_emission() -> None:
+    model = nn.Sequential(nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run = cs.init("t", "adapt", mode="disabled")
+    mon = run.watch(model, opt, batch_size=32, dataset_size=256, emit_every=10, budget=0.03)
+    mon._adapt(0.11)  # 0.11 / (0.75 · 0.03) ≈ 4.9 → 8× less streaming work at once
+    assert (mon.stride, mon.emit_interval) == (8, 10)
+    mon._adapt(0.5)  # stride is capped by the emission interval; the rest spaces emissions
+    assert (mon.stride, mon.emit_interval) == (80, 80)
+    mon._adapt(0.001)  # well under budget: one halving back at a time
+    assert (mon.stride, mon.emit_interval) == (40, 40)
+    run.finish()
+
+
+def test_per_example_hooks_exist_only_on_captured_steps() -> None:
+    model = nn.Sequential(nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    run = cs.init("t", "hooks", mode="disabled")
+    mon = run.watch(
+        model, opt, batch_size=32, dataset_size=64, noise="per_example",
+        per_example_every=5, emit_every=5, budget=None,
+    )  # fmt: skip
+    hooked = []
+    for _ in range(12):
+        hooked.append(bool(model[0]._forward_hooks))
+        _train(model, opt, 1, x, y)
+    # captured before steps 0, 5 and 10 (the emitted ones) and nowhere else
+    assert [i for i, h in enumerate(hooked) if h] == [0, 5, 10]
+    assert mon.stride == 5  # the streaming fallback runs on emitted steps only
+    run.finish()
