@@ -7,6 +7,7 @@ run stops polling once nothing new arrives.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,8 @@ from dashboard import figures
 from dashboard.api_client import ApiClient, ApiError
 
 K_TRAJ = 8
+# Histograms kept for the slider (each one is layers × 24 counts in the browser).
+HIST_POINTS = 200
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,14 @@ def layout(run_id: str, refresh_ms: int, max_points: int) -> html.Div:
     )
 
 
+def cap_entries(entries: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` entries: while over, every other one of the older entries is
+    dropped (the newest is always kept), so a live run's history stays spread out."""
+    while len(entries) > limit:
+        entries = entries[:-1][::2] + entries[-1:]
+    return entries
+
+
 def _merge(
     a: tuple[dict[str, list[Any]], list[int]] | None,
     b: tuple[dict[str, list[Any]], list[int]] | None,
@@ -320,14 +331,19 @@ def register(app: Dash, api: ApiClient) -> None:
         cursor = dict(cursor or {})
         names = sorted({t for p in PANELS for t in p.traces})
         try:
-            meta = await api.get(f"/api/runs/{run_id}")
-            scal = await api.get(f"/api/runs/{run_id}/scalars", names=",".join(names),
-                                 since=cursor.get("scalars"), max_points=max_points)  # fmt: skip
-            ev = await api.get(f"/api/runs/{run_id}/events", since=cursor.get("events"))
-            lay = await api.get(f"/api/runs/{run_id}/layers", names="occupancy",
-                                since=cursor.get("layers"), max_points=max_points)  # fmt: skip
-            spec = await api.get(f"/api/runs/{run_id}/spectrum", since=cursor.get("spectrum"))
-            hst = await api.get(f"/api/runs/{run_id}/hist", since=cursor.get("hist"))
+            # The six reads are independent: issued together, the first paint waits for
+            # the slowest one rather than for their sum.
+            base = f"/api/runs/{run_id}"
+            meta, scal, ev, lay, spec, hst = await asyncio.gather(
+                api.get(base),
+                api.get(f"{base}/scalars", names=",".join(names),
+                        since=cursor.get("scalars"), max_points=max_points),
+                api.get(f"{base}/events", since=cursor.get("events")),
+                api.get(f"{base}/layers", names="occupancy",
+                        since=cursor.get("layers"), max_points=max_points),
+                api.get(f"{base}/spectrum", since=cursor.get("spectrum"), max_points=max_points),
+                api.get(f"{base}/hist", since=cursor.get("hist"), max_points=HIST_POINTS),
+            )  # fmt: skip
         except ApiError as exc:
             n_out = len(PANELS) + 7  # the panels, heatmap, spectrum x2, hist, events, cursor, step
             return (*[dash.no_update] * n_out, f"error: {exc.detail}", exc.status == 404,
@@ -355,7 +371,7 @@ def register(app: Dash, api: ApiClient) -> None:
         heat = figures.heatmap_payload(occ["step"], occ["value"])
         traj = figures.spectrum_payload(spec["entries"], K_TRAJ)
         bars = figures.spectrum_bars(spec["entries"][-1]) if spec["entries"] else dash.no_update
-        hist_all = (hist or []) + hst["entries"]
+        hist_all = cap_entries((hist or []) + hst["entries"], HIST_POINTS)
         anything = anything or bool(heat or traj or hst["entries"])
         done = meta["status"] in ("finished", "crashed") and not anything
         empties = []

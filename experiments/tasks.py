@@ -102,7 +102,9 @@ def grokking(seed: int, p: int = 53, fraction: float = 0.3) -> Task:
     task = modular_addition(p, train_fraction=fraction, seed=seed)
     torch.manual_seed(seed)
     model = TinyTransformer(p + 1, p)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
+    # lr 3e-3 (with weight decay 1): at 1e-3 this task had not generalized by step 8,000;
+    # at 3e-3 held-out accuracy passes 90 % near step 4,000 on 2 CPU threads' budget.
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1.0, betas=(0.9, 0.98))
     n = len(task.train_y)
     return Task(f"grokking p={p} seed={seed}", model, opt, lambda _s: (task.train_x, task.train_y),
                 task.train_x, task.train_y, task.test_x, task.test_y, n, n)  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
@@ -61,6 +60,8 @@ Since = Annotated[
     str | None,
     Query(description="stream cursor from a previous response; only newer entries are returned"),
 ]
+# A histogram entry is layers × 24 counts: a smaller default budget than a scalar's.
+HIST_BUDGET = 200
 MaxPoints = Annotated[int | None, Query(ge=2, le=100_000, description="point budget per series")]
 Names = Annotated[str | None, Query(description="comma-separated series names; all when absent")]
 
@@ -233,11 +234,8 @@ async def layers(
     store = _store(request)
     meta = await _require_meta(store, run_id, request)
     wanted = _names(names)
-    records, cursor = await store.read(run_id, "layers", since)
     budget = max_points or request.app.state.settings.default_max_points
-    if len(records) > budget:
-        stride = len(records) / budget
-        records = [records[min(len(records) - 1, math.floor(i * stride))] for i in range(budget)]
+    records, cursor = await store.read_spread(run_id, "layers", since, budget)
     series: dict[str, dict[str, list[Any]]] = {}
     for _, rec in records:
         for name, vec in rec["l"].items():
@@ -249,12 +247,16 @@ async def layers(
 
 
 @api.get("/api/runs/{run_id}/spectrum", tags=["series"])
-async def spectrum(request: Request, run_id: str, since: Since = None) -> dict[str, Any]:
-    """Spectrum entries (top-k of W_s and of the current kernel) after ``since``."""
+async def spectrum(
+    request: Request, run_id: str, since: Since = None, max_points: MaxPoints = None
+) -> dict[str, Any]:
+    """Spectrum entries (top-k of W_s and of the current kernel) after ``since``; over
+    ``max_points``, evenly spaced entries (always including the newest) are kept."""
     _check_since(since)
     store = _store(request)
     await _require_meta(store, run_id, request)
-    records, cursor = await store.read(run_id, "spectrum", since)
+    budget = max_points or request.app.state.settings.default_max_points
+    records, cursor = await store.read_spread(run_id, "spectrum", since, budget)
     entries = [
         {
             "step": rec["step"],
@@ -269,12 +271,15 @@ async def spectrum(request: Request, run_id: str, since: Since = None) -> dict[s
 
 
 @api.get("/api/runs/{run_id}/hist", tags=["series"])
-async def hist(request: Request, run_id: str, since: Since = None) -> dict[str, Any]:
-    """Per-layer log-SNR histograms after ``since``: bin edges and one count row per layer."""
+async def hist(
+    request: Request, run_id: str, since: Since = None, max_points: MaxPoints = None
+) -> dict[str, Any]:
+    """Per-layer log-SNR histograms after ``since``: bin edges and one count row per
+    layer; over ``max_points`` (default 200), evenly spaced entries are kept."""
     _check_since(since)
     store = _store(request)
     meta = await _require_meta(store, run_id, request)
-    records, cursor = await store.read(run_id, "hist", since)
+    records, cursor = await store.read_spread(run_id, "hist", since, max_points or HIST_BUDGET)
     entries = [
         {
             "step": rec["step"],

@@ -46,6 +46,11 @@ def _text(x: bytes | str | None) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else x
 
 
+def _id_pair(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _float(x: Any, default: float = 0.0) -> float:
     try:
         return float(x)
@@ -174,6 +179,38 @@ class Store:
             if len(chunk) < READ_CHUNK or (limit is not None and len(records) >= limit):
                 break
         return records, cursor
+
+    async def read_spread(
+        self, run_id: str, kind: str, since: str | None, budget: int
+    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        """At most ``budget`` entries after ``since``, evenly spaced in stream id (the
+        agent's ids follow the step), and the cursor of the newest entry.
+
+        A long run's per-layer vectors or histograms would otherwise all be read and
+        decoded to keep a few hundred: here Redis seeks to each of ``budget`` evenly
+        spaced ids (one pipelined XRANGE … COUNT 1 each), so the cost follows the budget,
+        not the run's length."""
+        key = self.keys.stream(run_id, kind)
+        start = f"({since}" if since else "-"
+        head: Any = await self.client.xrange(key, min=start, max="+", count=budget + 1)
+        if len(head) <= budget:
+            cursor = _text(head[-1][0]) if head else since
+            return self.decode_entries(kind, head), cursor
+        tail: Any = await self.client.xrevrange(key, max="+", min="-", count=1)
+        first, last = _id_pair(_text(head[0][0])), _id_pair(_text(tail[0][0]))
+        span = last[0] - first[0]
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(budget):
+            target = first[0] + (span * i) // max(budget - 1, 1)
+            lower = _text(head[0][0]) if i == 0 else str(target)
+            pipe.xrange(key, min=lower, max="+", count=1)
+        picked: dict[str, Any] = {}
+        for reply in await pipe.execute():
+            for entry_id, fields in reply:
+                picked.setdefault(_text(entry_id), fields)
+        picked.setdefault(_text(tail[0][0]), tail[0][1])
+        ordered = sorted(picked.items(), key=lambda kv: _id_pair(kv[0]))[-budget:]
+        return self.decode_entries(kind, ordered), _text(tail[0][0])
 
     async def delete_run(self, run_id: str, project: str) -> None:
         """Delete every key of a run and its index entries."""

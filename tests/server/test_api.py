@@ -155,7 +155,7 @@ def test_watched_run_serves_layers_histograms_and_spectrum(
     with cs.init("itest", "watched", redis_url=redis_url) as run:
         run.watch(
             model, opt, batch_size=16, dataset_size=128, noise="per_example", emit_every=5,
-            hist_every=10, probe=(x[:16], y[:16]), spectrum_every=10, k=4,
+            hist_every=10, probe=(x[:16], y[:16]), spectrum_every=10, k=4, budget=None,
         )  # fmt: skip
         for step in range(31):
             idx = torch.randint(0, 128, (16,))
@@ -307,3 +307,36 @@ def test_runs_list_carries_latest_occupancy_score_alerts_and_sparkline(
     spark = row["occupancy_spark"]
     assert isinstance(spark, list)
     assert spark[-1] == pytest.approx(0.29)
+
+
+def test_long_vector_series_are_read_evenly_spaced_within_the_budget(
+    api: httpx.Client, redis_url: str, redis_client: redis.Redis
+) -> None:
+    run = cs.init("itest", "spread", redis_url=redis_url)
+    run.update_meta({"layers": ["a", "b"]})
+    run.finish()
+    pipe = redis_client.pipeline(transaction=False)
+    steps = random.randrange(2000, 4000)
+    for step in range(0, steps, 3):  # ids follow the step, with gaps
+        rec = {"step": step, "t": 1.0 + step, "l": {"occupancy": [step / steps, 0.5]}}
+        pipe.xadd(run.keys.stream(run.id, "layers"), wire.encode("layers", rec), id=f"{step + 1}-0")
+        hrec = {"step": step, "t": 1.0 + step, "edges": [0.0, 1.0], "counts": [[step], [1]]}
+        pipe.xadd(run.keys.stream(run.id, "hist"), wire.encode("hist", hrec), id=f"{step + 1}-0")
+    pipe.execute()
+    last = 3 * ((steps - 1) // 3)
+    body = api.get(f"/api/runs/{run.id}/layers", params={"max_points": 50}).json()
+    got = body["series"]["occupancy"]["step"]
+    assert 40 <= len(got) <= 50 and got == sorted(set(got))
+    assert got[0] == 0 and got[-1] == last and body["cursor"] == f"{last + 1}-0"
+    gaps = [b - a for a, b in zip(got, got[1:], strict=False)]
+    assert max(gaps) <= 2 * (last / 49) + 3  # evenly spread, not the first 50
+    assert api.get(f"/api/runs/{run.id}/layers", params={"since": body["cursor"]}).json()[
+        "series"
+    ] == {}
+    hist = api.get(f"/api/runs/{run.id}/hist").json()  # default budget: 200 entries
+    assert len(hist["entries"]) <= 200 and hist["entries"][-1]["step"] == last
+    # A cursor inside the run: only entries after it, still within the budget
+    mid = f"{3 * (steps // 6) + 1}-0"
+    tail = api.get(f"/api/runs/{run.id}/hist", params={"since": mid, "max_points": 20}).json()
+    tail_steps = [e["step"] for e in tail["entries"]]
+    assert len(tail_steps) <= 20 and tail_steps[0] > 3 * (steps // 6) and tail_steps[-1] == last
