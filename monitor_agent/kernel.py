@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -77,7 +77,8 @@ class ProbeKernel:
         with torch.no_grad(), probe_mode(self.model):
             out = self.model(inputs)
         self.n_probe = inputs.shape[0]
-        self.n_out = out[0].numel()
+        # Outputs per example, whatever the model's output layout (some flatten tokens).
+        self.n_out = out.numel() // self.n_probe
         gen = torch.Generator().manual_seed(seed)
         self.true_class = projections == "true_class"
         if self.true_class:
@@ -178,10 +179,80 @@ class ProbeKernel:
         return torch.cat(cols, dim=1)
 
     def explicit(self, precond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The full K̃ (n_p·R square), built from products in chunks of columns."""
-        eye = torch.eye(self.size, dtype=self._dtype(), device=self.inputs.device)
-        k = self.matmat(eye, precond)
+        """The full K̃ (n_p·R square).
+
+        Probe examples are evaluated independently (eval mode), so a row of J depends on
+        one example only: per-example Jacobians (``vmap`` over examples of ``jacrev`` of
+        the R projected outputs) cost about R batched backward passes over the probe,
+        where n_p·R kernel-vector products cost n_p·R forward-and-backward passes over
+        all of it. J is built one group of parameters at a time, each group's block of J
+        within ``memory_limit``; when a single parameter's block does not fit, K̃ is
+        built from kernel-vector products instead."""
+        groups = self._jacobian_groups()
+        if groups is None:
+            eye = torch.eye(self.size, dtype=self._dtype(), device=self.inputs.device)
+            k = self.matmat(eye, precond)
+        else:
+            k = torch.zeros(self.size, self.size, dtype=self._dtype(), device=self.inputs.device)
+            for names in groups:
+                for name, jac in self._jacobian(names).items():
+                    scaled = jac if precond is None else jac * precond[name].reshape(1, -1)
+                    k += scaled @ jac.T
+            k /= self.n_probe
         return (k + k.T) / 2
+
+    def _jacobian_groups(self) -> list[list[str]] | None:
+        """Parameter names grouped so that each group's block of J (n_p·R × its size,
+        held with one per-chunk copy) fits ``memory_limit``; None if one parameter
+        alone does not."""
+        per_coord = 2 * self.size * torch.empty((), dtype=self._dtype()).element_size()
+        budget = self.memory_limit // per_coord  # coordinates per group
+        groups: list[list[str]] = []
+        used = budget
+        for name, p in self._params().items():
+            if p.numel() > budget:
+                return None
+            if used + p.numel() > budget:
+                groups.append([])
+                used = 0
+            groups[-1].append(name)
+            used += p.numel()
+        return groups
+
+    def _jacobian(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Rows of J (n_p·R × size, in the order of the projected outputs) for the
+        named parameters, from per-example Jacobians in chunks of examples."""
+        params = self._params()
+        wanted = {n: params[n] for n in names}
+        fixed = {n: p for n, p in params.items() if n not in wanted}
+        buffers = self._buffers()
+
+        def outputs(ps: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = functional_call(self.model, ({**fixed, **ps}, buffers), (x.unsqueeze(0),))
+            return self._project_one(out, t)
+
+        per_example = vmap(jacrev(outputs), in_dims=(None, 0, 0))
+        coords = sum(p.numel() for p in wanted.values())
+        itemsize = torch.empty((), dtype=self._dtype()).element_size()
+        chunk = max(1, self.memory_limit // (4 * self.r * coords * itemsize))
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        with probe_mode(self.model):
+            for lo in range(0, self.n_probe, chunk):
+                jac = per_example(
+                    wanted, self.inputs[lo : lo + chunk], self.targets[lo : lo + chunk]
+                )
+                for n in names:
+                    parts[n].append(jac[n].reshape(jac[n].shape[0] * self.r, -1))
+        return {n: torch.cat(parts[n]) for n in names}
+
+    def _project_one(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``_project`` for one example's output (batch of one): R values."""
+        flat = out.reshape(1, -1)
+        if self.true_class:
+            return flat.gather(1, target.reshape(1, 1)).reshape(-1)
+        if self.proj is not None:
+            flat = flat @ self.proj
+        return flat.reshape(-1)
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype

@@ -285,3 +285,20 @@ def test_kernel_products_are_chunked_to_the_memory_limit() -> None:
     assert tight.chunk == 3 and roomy.chunk >= roomy.size
     v = torch.randn(roomy.size, 10, dtype=torch.float64)
     torch.testing.assert_close(tight.matmat(v), roomy.matmat(v), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_per_example_jacobian_and_product_paths_agree(name: str) -> None:
+    torch.manual_seed(random.randrange(10**9))
+    model, x, y = MODELS[name]()
+    fast = ProbeKernel(model, x, y, projections=2)
+    slow = ProbeKernel(model, x, y, projections=2, memory_limit=1)  # nothing fits: products
+    largest = max(p.numel() for p in model.parameters())
+    split = ProbeKernel(model, x, y, projections=2, memory_limit=2 * fast.size * 8 * largest)
+    groups = split._jacobian_groups()
+    assert fast._jacobian_groups() is not None and slow._jacobian_groups() is None
+    assert groups is not None and len(groups) > 1  # one block of J per group
+    precond = {n: torch.rand_like(p) + 0.1 for n, p in model.named_parameters()}
+    want = slow.explicit(precond)
+    torch.testing.assert_close(fast.explicit(precond), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(split.explicit(precond), want, rtol=1e-10, atol=1e-12)
