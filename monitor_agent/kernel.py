@@ -97,6 +97,7 @@ class ProbeKernel:
         self.memory_limit = memory_limit or default_memory_limit(inputs.device)
         self.column_bytes = self._column_bytes()
         self.chunk = max(1, self.memory_limit // self.column_bytes)
+        self._held: dict[str, torch.Tensor] | None = None
 
     def _column_bytes(self) -> int:
         """Memory one vmapped kernel-vector product adds, estimated from one forward pass:
@@ -158,10 +159,19 @@ class ProbeKernel:
     def matmat(
         self, vs: torch.Tensor, precond: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """K̃ V for the columns of V (size n_p·R × c), batched with vmap in chunks of
-        columns that fit ``memory_limit``."""
-        params = self._params()
+        """K̃ V for the columns of V (size n_p·R × c): two matmuls with J while an update
+        holds it (``materialized``), else VJP-then-JVP products batched with vmap in
+        chunks of columns that fit ``memory_limit``."""
         vs = vs.to(self._dtype())
+        if self._held is not None:
+            out = torch.zeros(self.size, vs.shape[1], dtype=vs.dtype, device=vs.device)
+            for name, jac in self._held.items():
+                u = jac.T @ vs
+                if precond is not None:
+                    u = u * precond[name].reshape(-1, 1)
+                out += jac @ u
+            return out / self.n_probe
+        params = self._params()
         with probe_mode(self.model):
             _, pull = vjp(self._fz, params)[:2]
 
@@ -188,6 +198,13 @@ class ProbeKernel:
         all of it. J is built one group of parameters at a time, each group's block of J
         within ``memory_limit``; when a single parameter's block does not fit, K̃ is
         built from kernel-vector products instead."""
+        if self._held is not None:
+            k = torch.zeros(self.size, self.size, dtype=self._dtype(), device=self.inputs.device)
+            for name, jac in self._held.items():
+                scaled = jac if precond is None else jac * precond[name].reshape(1, -1)
+                k += scaled @ jac.T
+            k /= self.n_probe
+            return (k + k.T) / 2
         groups = self._jacobian_groups()
         if groups is None:
             eye = torch.eye(self.size, dtype=self._dtype(), device=self.inputs.device)
@@ -201,12 +218,27 @@ class ProbeKernel:
             k /= self.n_probe
         return (k + k.T) / 2
 
+    @contextmanager
+    def materialized(self) -> Iterator[bool]:
+        """Hold the whole J for the duration when it fits ``memory_limit`` (yields whether
+        it does): every product of one spectrum update is then two matmuls. The
+        parameters must not change inside."""
+        groups = self._jacobian_groups()
+        if groups is None or len(groups) != 1:
+            yield False
+            return
+        self._held = self._jacobian(groups[0])
+        try:
+            yield True
+        finally:
+            self._held = None
+
     def _jacobian_groups(self) -> list[list[str]] | None:
         """Parameter names grouped so that each group's block of J (n_p·R × its size,
-        held with one per-chunk copy) fits ``memory_limit``; None if one parameter
-        alone does not."""
-        per_coord = 2 * self.size * torch.empty((), dtype=self._dtype()).element_size()
-        budget = self.memory_limit // per_coord  # coordinates per group
+        plus one chunk of per-example Jacobians) fits ``memory_limit``; None if one
+        parameter alone does not."""
+        per_coord = self.size * torch.empty((), dtype=self._dtype()).element_size()
+        budget = (3 * self.memory_limit // 4) // per_coord  # coordinates per group
         groups: list[list[str]] = []
         used = budget
         for name, p in self._params().items():
@@ -234,16 +266,22 @@ class ProbeKernel:
         per_example = vmap(jacrev(outputs), in_dims=(None, 0, 0))
         coords = sum(p.numel() for p in wanted.values())
         itemsize = torch.empty((), dtype=self._dtype()).element_size()
-        chunk = max(1, self.memory_limit // (4 * self.r * coords * itemsize))
-        parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        # A chunk's Jacobians (and jacrev's working copy) within a quarter of the limit.
+        chunk = max(1, self.memory_limit // (8 * self.r * coords * itemsize))
+        device = self.inputs.device
+        out = {
+            n: torch.empty(self.size, p.numel(), dtype=self._dtype(), device=device)
+            for n, p in wanted.items()
+        }
         with probe_mode(self.model):
             for lo in range(0, self.n_probe, chunk):
                 jac = per_example(
                     wanted, self.inputs[lo : lo + chunk], self.targets[lo : lo + chunk]
                 )
+                rows = slice(lo * self.r, (lo + jac[names[0]].shape[0]) * self.r)
                 for n in names:
-                    parts[n].append(jac[n].reshape(jac[n].shape[0] * self.r, -1))
-        return {n: torch.cat(parts[n]) for n in names}
+                    out[n][rows] = jac[n].reshape(-1, out[n].shape[1])
+        return out
 
     def _project_one(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``_project`` for one example's output (batch of one): R values."""

@@ -93,9 +93,10 @@ class GramianTracker:
     def update(self, lrs: list[float], precond: dict[str, torch.Tensor] | None) -> SpectrumReport:
         """Advance over a window whose steps had learning rates ``lrs`` with the current
         kernel, and report the spectrum."""
-        if self.exact:
-            return self._update_exact(lrs, precond)
-        return self._update_sketch(sum(lrs), precond)
+        with self.kernel.materialized():
+            if self.exact:
+                return self._update_exact(lrs, precond)
+            return self._update_sketch(sum(lrs), precond)
 
     def _update_exact(
         self, lrs: list[float], precond: dict[str, torch.Tensor] | None

@@ -302,3 +302,11 @@ def test_per_example_jacobian_and_product_paths_agree(name: str) -> None:
     want = slow.explicit(precond)
     torch.testing.assert_close(fast.explicit(precond), want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(split.explicit(precond), want, rtol=1e-10, atol=1e-12)
+    v = torch.randn(fast.size, 5, dtype=torch.float64)
+    with fast.materialized() as held, split.materialized() as split_held:
+        assert held and not split_held  # J is held only when it fits in one block
+        torch.testing.assert_close(
+            fast.matmat(v, precond), slow.matmat(v, precond), rtol=1e-10, atol=1e-12
+        )
+        torch.testing.assert_close(fast.explicit(precond), want, rtol=1e-10, atol=1e-12)
+    assert fast._held is None
