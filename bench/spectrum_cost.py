@@ -9,11 +9,14 @@ Results go to bench/results/spectrum_cost.md (or --out).
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,12 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import monitor_agent as cs
 from bench.workloads import WORKLOADS, Workload
+from monitor_agent.spectrum import SpectrumSchedule
 
 EVERY = 500
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _auto_every(cost_s: float, step_s: float) -> int:
+    """The interval ``spectrum_every="auto"`` settles on for this cost (budget 3 %)."""
+    sched = SpectrumSchedule("auto", 0.03)
+    sched.last_time -= cost_s + 1000 * step_s  # as if 1,000 steps and one update had passed
+    sched.done(1000, cost_s)
+    return sched.every
 
 
 def measure(w: Workload, probe: int, device: torch.device, repeats: int) -> dict[str, float | str]:
@@ -73,10 +85,30 @@ def measure(w: Workload, probe: int, device: torch.device, repeats: int) -> dict
         "update_s": cost,
         "step_equivalents": cost / step_s,
         "amortized": cost / (cost + EVERY * step_s),
+        "auto_every": float(_auto_every(cost, step_s)),
         "rss_mb": _rss_mb() - rss0,
     }
     run.finish()
     return result
+
+
+def _child(name: str, probe: int, device: str, repeats: int) -> None:
+    w = next(w for w in WORKLOADS if w.name == name)
+    print("RESULT " + json.dumps(measure(w, probe, torch.device(device), repeats)), flush=True)
+
+
+def _run_row(name: str, probe: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One (model, probe) cell in a fresh process: its peak memory is its own, and a
+    process killed for memory is reported instead of ending the benchmark."""
+    cmd = [sys.executable, __file__, "--child", name, str(probe), "--device", args.device,
+           "--threads", str(args.threads), "--repeats", str(args.repeats)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            out: dict[str, Any] = json.loads(line[7:])
+            return out
+    reason = "killed (out of memory)" if proc.returncode in (-9, 137) else proc.stderr[-300:]
+    return {"error": reason}
 
 
 def main() -> None:
@@ -85,14 +117,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--max-seq-probe", type=int, default=64)
+    parser.add_argument("--max-seq-probe", type=int, default=256)
+    parser.add_argument("--row-timeout", type=float, default=1800)
     parser.add_argument("--only", default="MLP 784-1024,ResNet,transformer")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "spectrum_cost.md")
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    if args.child:
+        _child(args.child[0], int(args.child[1]), args.device, args.repeats)
+        return
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     rows = []
     for w in WORKLOADS:
@@ -102,7 +138,10 @@ def main() -> None:
         if "transformer" in w.name:  # a probe sequence costs 128 tokens of work
             probes = [p for p in probes if p <= args.max_seq_probe]
         for probe in probes:
-            res = measure(w, probe, device, args.repeats)
+            try:
+                res = _run_row(w.name, probe, args)
+            except subprocess.TimeoutExpired:
+                res = {"error": f"stopped after {args.row_timeout:.0f} s"}
             rows.append((w.name, probe, res))
             print(w.name, probe, res, flush=True)
     lines = [
@@ -110,20 +149,31 @@ def main() -> None:
         "",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
         f"Device: {args.device}, torch threads: {args.threads}, torch {torch.__version__}; Adam; "
-        f"k = 16, R = 4 output projections; median of {args.repeats} updates.",
+        f"k = 16, R = 4 output projections; median of {args.repeats} updates; each row in a "
+        "fresh process.",
         "",
-        "'step eq.' is one update's time over one training step's; 'amortized' is the share "
-        f"of training time at one update every {EVERY} steps; 'RSS +MB' is the growth of the "
-        "process's peak resident memory while the monitor with its probe was set up and run.",
+        "'step eq.' is one update's time over one training step's; 'at 500' is the share of "
+        f"training time at one update every {EVERY} steps; 'auto every' is the interval the "
+        'default `spectrum_every="auto"` settles on for this cost (3 % budget, at most '
+        "100,000), and 'auto' the share it then costs; 'RSS +MB' is the growth of the "
+        "process's peak resident memory from setting up the monitor to the end of the "
+        "updates (the per-example Jacobian blocks and product chunks are capped by "
+        "`spectrum_memory`, 1 GiB by default).",
         "",
-        "| model | probe | path (n_p·R) | step (ms) | update (s) | step eq. | amortized | RSS +MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | probe | path (n_p·R) | step (ms) | update (s) | step eq. | at 500 | auto every | auto | RSS +MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, probe, r in rows:
+        if "error" in r:
+            error = " ".join(str(r["error"]).split()).replace("|", "/")
+            lines.append(f"| {name} | {probe} | not measured: {error} |" + " |" * 7)
+            continue
+        auto = r["update_s"] / (r["update_s"] + r["auto_every"] * r["step_ms"] / 1e3)
         lines.append(
-            f"| {name} | {probe} | {r['path']} ({int(float(r['size']))}) | {float(r['step_ms']):.1f} "
-            f"| {float(r['update_s']):.3f} | {float(r['step_equivalents']):.1f} "
-            f"| {100 * float(r['amortized']):.2f} % | {float(r['rss_mb']):.0f} |"
+            f"| {name} | {probe} | {r['path']} ({int(r['size'])}) | {r['step_ms']:.1f} "
+            f"| {r['update_s']:.3f} | {r['step_equivalents']:.1f} "
+            f"| {100 * r['amortized']:.2f} % | {int(r['auto_every']):,} | {100 * auto:.2f} % "
+            f"| {r['rss_mb']:.0f} |"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
