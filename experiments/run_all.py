@@ -49,7 +49,10 @@ VALIDATION_SEEDS = [3, 4]
 
 
 def _onset(
-    steps: list[int], scores: list[float], falling: list[bool] | None = None, theta_on: float = 0.3
+    steps: list[int],
+    scores: list[float],
+    falling: list[bool] | None = None,
+    theta_on: float = DEFAULTS.theta_on,
 ) -> tuple[int | None, int | None]:
     """The agent's onset rule (warm-up, θ_on, θ_off, P) applied to any score series."""
     rule = OnsetRule(theta_on, DEFAULTS.theta_off, DEFAULTS.patience)
@@ -73,9 +76,13 @@ def _thin(steps: list[int], values: list[float], every: int) -> tuple[list[int],
 # Variants of the tail score, replayed offline with the agent's own tracker and onset rule
 # on the probe summaries the agent published during the run.
 TAIL_VARIANTS = {
-    "tail, ref when median < 0.25": OnsetSettings(reference="fitted", fitted_loss=0.25),
-    "tail, ref when median < 1.0": OnsetSettings(reference="fitted", fitted_loss=1.0),
-    "tail, ref = peak after warm-up": OnsetSettings(reference="peak"),
+    "tail, ref when median < 0.25": OnsetSettings(
+        reference="fitted", fitted_loss=0.25, theta_on=0.3
+    ),
+    "tail, ref when median < 1.0": OnsetSettings(reference="fitted", fitted_loss=1.0, theta_on=0.3),
+    "tail, ref = peak after warm-up, θ_on = 0.3": OnsetSettings(reference="peak", theta_on=0.3),
+    "tail, ref = peak after warm-up, θ_on = 0.5": OnsetSettings(reference="peak", theta_on=0.5),
+    "tail, ref = peak after warm-up, θ_on = 0.7": OnsetSettings(reference="peak", theta_on=0.7),
 }
 
 
@@ -208,7 +215,8 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         "recorded here only as ground truth.",
         "",
         "Onset rule for every candidate (the agent's): warm-up "
-        f"{DEFAULTS.warmup_steps} steps, arm at score ≥ θ_on (0.3; 0.5 for the 0/1 baselines), "
+        f"{DEFAULTS.warmup_steps} steps, arm at score ≥ θ_on ({DEFAULTS.theta_on}; 0.5 for the "
+        "0/1 baselines; the tail variants below state theirs), "
         f"fire after P = {DEFAULTS.patience} consecutive 50-step windows (the onset is the first), "
         f"clear after P windows at ≤ θ_off = {DEFAULTS.theta_off}.",
         "",
@@ -283,12 +291,22 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         "as the reference ('ref = peak') fires on them and keeps every control silent, and has "
         "no loss threshold to tune, so it became the default. This choice was made on seeds "
         "0–2; seeds 3–4 below were run only afterwards, as a check.",
+        "",
+        "The threshold θ_on was then revisited after a fix to the ground truth: the digits "
+        "inputs had been standardized by each pixel's training-set spread plus 10⁻⁶, and "
+        "border pixels that are constant in the training set but not in the held-out set were "
+        "blown up by ~10⁶, so the held-out loss started near 10 and its 'minimum' fell at "
+        "artifact steps (0–50 on some seeds). With each pixel's spread floored at one grey "
+        "level the held-out minima moved to 360–1,650 steps. On seeds 0–2 the previous θ_on = "
+        "0.3 fired as early as the rule allows (steps 450–550) on every noisy run; θ_on = 0.5 "
+        "(rows 'θ_on = …' above, the same recorded runs replayed) hit the most runs there and "
+        "became the default; seeds 3–4 are again the check.",
     ]
     valid = [(r, a) for r, _, a, _ in per_run if r.kind == "digits-validation"]
+    v_noisy = [(r, a) for r, a in valid if r.noise > 0 and r.clear_minimum()]
+    v_clean = [(r, a) for r, a in valid if r.noise == 0]
+    v_hits = sum(hit(a, r.test_min_step()) for r, a in v_noisy)
     if valid:
-        v_noisy = [(r, a) for r, a in valid if r.noise > 0 and r.clear_minimum()]
-        v_clean = [(r, a) for r, a in valid if r.noise == 0]
-        v_hits = sum(hit(a, r.test_min_step()) for r, a in v_noisy)
         lines += [
             "",
             "### Validation on seeds 3–4 (the agent's live alarm, default settings)",
@@ -318,7 +336,14 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         "## Targets (the agent's own alarm, default settings, seeds 0–2 and the controls)",
         "",
         f"* Label-noise runs with a clear held-out minimum, onset within a factor 1.5 of its step in ≥ 80 %: "
-        f"{sum(agent_hits)}/{len(agent_hits)} — **{'met' if h_rate is not None and h_rate >= 0.8 else 'not met'}**.",
+        f"{sum(agent_hits)}/{len(agent_hits)} — **{'met' if h_rate is not None and h_rate >= 0.8 else 'not met'}**"
+        + (
+            f" on the seeds the default was chosen on; with the validation seeds 3–4 (all "
+            f"five seeds) {sum(agent_hits) + v_hits}/{len(agent_hits) + len(v_noisy)} — "
+            f"**{'met' if (sum(agent_hits) + v_hits) >= 0.8 * (len(agent_hits) + len(v_noisy)) else 'not met'}**."
+            if valid
+            else "."
+        ),
         f"* Clean-label and fresh-data runs with no alarm in ≥ 90 %: {sum(agent_silent)}/{len(agent_silent)} — "
         f"**{'met' if s_rate is not None and s_rate >= 0.9 else 'not met'}**.",
     ]
@@ -333,9 +358,16 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
                 and clear is not None
                 and abs(clear - jump) <= 0.2 * jump
             )
+            history = ", ".join(
+                f"{e['kind'].removeprefix('memorization_')} at {e['step']}" for e in r.events
+            )
             lines.append(
                 f"* Grokking ({r.name}): held-out accuracy passes 90 % at step {_fmt(jump)}; alarm at {_fmt(a)}, "
-                f"cleared at {_fmt(clear)} — **{'met' if ok else 'not met'}**."
+                f"cleared at {_fmt(clear)} — **{'met' if ok else 'not met'}**. Every alarm event of "
+                f"the run: {history or 'none'}. The training set is fitted within ~200 steps and "
+                "full-batch training then shows loss spikes (slingshots, see the figure); each "
+                "spike makes the probe disagree with its labels for a moment, which is what moves "
+                "the tail score here, not the memorization plateau itself."
             )
     else:
         lines.append("* Grokking: not run in this mode (`make experiments` runs it).")

@@ -41,7 +41,9 @@ class OnsetSettings:
     """Constants of the onset rule and of the scores (documented defaults)."""
 
     score: str = "tail"
-    theta_on: float = 0.3
+    # 0.5 (was 0.3): chosen on seeds 0–2 of the label-noise runs once their held-out
+    # ground truth was fixed, checked on seeds 3–4 (experiments/REPORT.md).
+    theta_on: float = 0.5
     theta_off: float = 0.1
     patience: int = 5
     warmup_steps: int = 200
