@@ -283,6 +283,7 @@ class Run:
             "duplicates": s.duplicates,
             "errors": s.errors,
             "last_error": s.last_error,
+            "cpu_s": s.cpu_s,
             "connected": s.connected,
         }
 

@@ -46,6 +46,7 @@ class SenderStats:
     errors: int = 0
     last_error: str = ""
     connected: bool = False
+    cpu_s: float = 0.0  # CPU time the sender thread has used (encoding, I/O syscalls)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -330,6 +331,7 @@ class Sender:
             finally:
                 for _ in batches:
                     self._queue.task_done()
+                self.stats.cpu_s = time.thread_time()
             if stopping:
                 # A last, immediate attempt to drain the spool before the run ends.
                 self._next_try = 0.0

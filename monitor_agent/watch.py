@@ -197,6 +197,7 @@ class Monitor:
         self.step = 0
         self._reported_nonfinite = 0.0
         self._agent_s = 0.0
+        self._sender_cpu = 0.0
         self._window_start = time.perf_counter()
         self._last_estimator = STREAMING
         self._w: torch.Tensor | None = None
@@ -613,12 +614,17 @@ class Monitor:
         hist = host.get("hist", [])
         now = time.perf_counter()
         wall = max(now - self._window_start, 1e-9)
-        overhead = self._agent_s / wall
-        stats_overhead = (self._agent_s - self._spectrum_s) / wall
+        stats = self.run.sender_stats()
+        # The sender thread's CPU time is the agent's too: on a machine whose cores the
+        # training step already uses, every second of it is taken from the step.
+        sender_cpu = float(stats.get("cpu_s", 0.0))
+        sender_s = max(sender_cpu - self._sender_cpu, 0.0)
+        self._sender_cpu = sender_cpu
+        overhead = (self._agent_s + sender_s) / wall
+        stats_overhead = (self._agent_s - self._spectrum_s + sender_s) / wall
         self._agent_s, self._spectrum_s, self._window_start = 0.0, 0.0, now
         if step > 0:
             self._adapt(stats_overhead)
-        stats = self.run.sender_stats()
         scalars: dict[str, float] = {
             "agent/dropped": float(stats.get("dropped", 0)),
             "agent/stride": float(self.stride),

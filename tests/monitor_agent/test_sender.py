@@ -24,6 +24,8 @@ def test_log_reaches_redis_in_order(redis_client: redis.Redis, redis_url: str) -
     assert meta["status"] == "finished"
     assert meta["config"] == {"lr": 0.1}
     assert redis_client.zscore(run.keys.runs(), run.id) is not None
+    # the sender thread accounts for its CPU time (agent/overhead includes it)
+    assert 0 < run.sender_stats()["cpu_s"] < time.process_time()
 
 
 def test_unreachable_redis_never_blocks_and_spools(tmp_path: Path) -> None:
