@@ -44,6 +44,12 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
 }
 
 
+# With the peers, which compute their statistics every step: ours at the same cadence
+# (the streaming SNR computed and published every step, no budget).
+EQUAL_CADENCE = {"streaming every step": {"noise": "streaming", "emit_every": 1, "budget": None}}
+SNR_PEERS = ("Cockpit economy + MeanGSNR", "BackPACK Variance", "torch.func vmap variance")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -62,7 +68,8 @@ def bench_workload(
     base = w.make().to(device)
     x, y = w.batch(device)
     setups: dict[str, tuple[Callable[[], None], Any]] = {}
-    for name, kwargs in CONFIGS.items():
+    configs = {**CONFIGS, **(EQUAL_CADENCE if with_peers else {})}
+    for name, kwargs in configs.items():
         model = copy.deepcopy(base)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         run = None
@@ -93,9 +100,9 @@ def bench_workload(
     for name in list(setups):
         # Peers have no schedule to settle (and some are two orders of magnitude slower).
         try:
-            train(name, warmup if name in CONFIGS else 3)
+            train(name, warmup if name in configs else 3)
         except Exception as exc:  # a peer failing on this model is reported, not fatal
-            if name in CONFIGS:
+            if name in configs:
                 raise
             skipped[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
             del setups[name]
@@ -104,7 +111,7 @@ def bench_workload(
         for name in setups:
             # Per-step times are compared, so the slow peers (Cockpit runs two orders of
             # magnitude slower) may take fewer steps a round.
-            times[name].append(train(name, steps if name in CONFIGS else max(2, steps // 10)))
+            times[name].append(train(name, steps if name in configs else max(2, steps // 10)))
     ratios = {}
     for name in setups:
         per_round = [t / b for t, b in zip(times[name], times["no monitoring"], strict=True)]
@@ -191,7 +198,7 @@ def main() -> None:
         "--peers", action="store_true", help="add the peer columns (make bench-peers)"
     )
     parser.add_argument(
-        "--out", default=str(Path(__file__).parent / "results" / "agent_overhead.md")
+        "--out", help="default: bench/results/agent_overhead.md (_peers.md with --peers)"
     )
     parser.add_argument("--memory", action="store_true", help="add the peak-memory table")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -222,7 +229,9 @@ def main() -> None:
             )
     finally:
         redis.stop()
-    columns = [c for c in CONFIGS if c != "no monitoring"] + (list(PEERS) if args.peers else [])
+    columns = [c for c in CONFIGS if c != "no monitoring"] + (
+        [*EQUAL_CADENCE, *PEERS] if args.peers else []
+    )
     lines = [
         "# Agent overhead",
         "",
@@ -244,6 +253,27 @@ def main() -> None:
             + " | ".join(cells)
             + f" | {res['extra_buffers']['channelscope default']:.3f} |"
         )
+    if args.peers:
+        lines += [
+            "",
+            "Equal cadence: overhead (ratio − 1) of the cheapest peer that computes a gradient "
+            "SNR every step, over ours computing and publishing the streaming SNR every step.",
+            "",
+            "| workload | cheapest SNR peer | its overhead | ours, streaming every step | peer ÷ ours |",
+            "|---|---|---|---|---|",
+        ]
+        for w, res in rows:
+            ratios = res["ratios"]
+            peers = [(ratios[c] - 1, c) for c in SNR_PEERS if c in ratios]
+            ours = ratios["streaming every step"] - 1
+            if not peers:
+                lines.append(f"| {w.name} | none ran |  | {100 * ours:.1f} % |  |")
+                continue
+            cost, name = min(peers)
+            lines.append(
+                f"| {w.name} | {name} | {100 * cost:.1f} % | {100 * ours:.1f} % "
+                f"| {cost / max(ours, 1e-9):.1f}× |"
+            )
     if args.memory:
         kind = "max_memory_allocated" if device.type == "cuda" else "peak resident set (ru_maxrss)"
         lines += [
@@ -274,9 +304,15 @@ def main() -> None:
     ]
     lines += [f"* n/a — {n}" for n in notes]
     lines.append("")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    out = Path(
+        args.out
+        or Path(__file__).parent
+        / "results"
+        / ("agent_overhead_peers.md" if args.peers else "agent_overhead.md")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
