@@ -32,6 +32,8 @@ from server.embedded_redis import EmbeddedRedis
 
 CONFIGS: dict[str, dict[str, Any] | None] = {
     "no monitoring": None,
+    # The same plain step on its own copy of the model: the noise floor of every ratio.
+    "no monitoring (A/A)": None,
     "channelscope default": {},
     # Exact columns run at their stated cadence: no budget thinning.
     "per-example every 50": {"noise": "per_example", "emit_every": 50, "budget": None},
@@ -162,8 +164,8 @@ def peak_memory_child(workload: str, config: str, device: str, redis_url: str) -
 
 
 def peak_memory(w: Workload, device: str, redis_url: str, repeats: int = 3) -> dict[str, float]:
-    """Peak memory added by each configuration over no monitoring, in parameter-sized
-    float32 buffers (median of ``repeats`` fresh processes per configuration)."""
+    """Peak memory added by each configuration over no monitoring, MiB (median of
+    ``repeats`` fresh processes per configuration)."""
     import subprocess
 
     def measure(config: str) -> float:
@@ -178,12 +180,9 @@ def peak_memory(w: Workload, device: str, redis_url: str, repeats: int = 3) -> d
     for _ in range(repeats):
         for config in CONFIGS:
             peaks[config].append(measure(config))
-    params = sum(p.numel() for p in w.make().parameters())
     base = statistics.median(peaks["no monitoring"])
     return {
-        c: (statistics.median(v) - base) / (4 * params)
-        for c, v in peaks.items()
-        if c != "no monitoring"
+        c: (statistics.median(v) - base) / 2**20 for c, v in peaks.items() if c != "no monitoring"
     }
 
 
@@ -279,11 +278,11 @@ def main() -> None:
         lines += [
             "",
             f"Peak memory added over no monitoring ({kind}, median of 3 fresh processes "
-            "training 30 steps each), in parameter-sized float32 buffers. On CPU the "
-            "resident set also holds the agent's Python modules and Redis client (a few "
-            "MiB), which dominates on the small models.",
+            "training 30 steps each), MiB; 'param buffer' is one parameter-sized float32 "
+            "buffer for scale, and the A/A column is the measurement's noise floor (on CPU "
+            "the resident set moves by about a MiB with allocator state alone).",
             "",
-            "| workload | params | "
+            "| workload | param buffer | "
             + " | ".join(c for c in CONFIGS if c != "no monitoring")
             + " |",
             "|---|---|" + "---|" * (len(CONFIGS) - 1),
@@ -291,8 +290,8 @@ def main() -> None:
         for w, res in rows:
             mem = res["memory"]
             lines.append(
-                f"| {w.name} | {res['params']:,} | "
-                + " | ".join(f"{mem[c]:+.2f}" for c in CONFIGS if c != "no monitoring")
+                f"| {w.name} | {4 * res['params'] / 2**20:.1f} | "
+                + " | ".join(f"{mem[c]:+.1f}" for c in CONFIGS if c != "no monitoring")
                 + " |"
             )
     notes = sorted({f"{k}: {v}" for _, r in rows for k, v in r["skipped"].items()})

@@ -198,6 +198,7 @@ class Monitor:
         self._reported_nonfinite = 0.0
         self._agent_s = 0.0
         self._sender_cpu = 0.0
+        self._cost_sum = self._wall_sum = 0.0  # decaying sums behind the budget's ratio
         self._window_start = time.perf_counter()
         self._last_estimator = STREAMING
         self._w: torch.Tensor | None = None
@@ -621,10 +622,14 @@ class Monitor:
         sender_s = max(sender_cpu - self._sender_cpu, 0.0)
         self._sender_cpu = sender_cpu
         overhead = (self._agent_s + sender_s) / wall
-        stats_overhead = (self._agent_s - self._spectrum_s + sender_s) / wall
-        self._agent_s, self._spectrum_s, self._window_start = 0.0, 0.0, now
         if step > 0:
-            self._adapt(stats_overhead)
+            # The schedule follows a smoothed ratio: one window's cost is lumpy (the sender
+            # thread's CPU lands in whichever window it ran in), and acting on single
+            # windows made the schedule flap between two strides.
+            self._cost_sum = self._cost_sum / 2 + self._agent_s - self._spectrum_s + sender_s
+            self._wall_sum = self._wall_sum / 2 + wall
+            self._adapt(self._cost_sum / self._wall_sum)
+        self._agent_s, self._spectrum_s, self._window_start = 0.0, 0.0, now
         scalars: dict[str, float] = {
             "agent/dropped": float(stats.get("dropped", 0)),
             "agent/stride": float(self.stride),
@@ -716,6 +721,14 @@ class Monitor:
         halving at a time, in reverse order, so the schedule does not oscillate."""
         if self.budget is None:
             return
+        before = (self.stride, self.emit_interval)
+        self._adapt_schedule(overhead)
+        if (self.stride, self.emit_interval) != before:
+            # Windows measured under the old schedule say nothing about the new one.
+            self._cost_sum = self._wall_sum = 0.0
+
+    def _adapt_schedule(self, overhead: float) -> None:
+        assert self.budget is not None
         if overhead > self.budget:
             # Aim at 3/4 of the budget; work scales as 1/stride and 1/emit_interval.
             need = 2 ** math.ceil(math.log2(overhead / (0.75 * self.budget)))
