@@ -136,9 +136,7 @@ def bench_workload(
 
 def peak_memory_child(workload: str, config: str, device: str, redis_url: str) -> None:
     """In a fresh process: train one configuration for 30 steps and print the peak
-    memory (CPU: the process's maximum resident set; CUDA: max_memory_allocated), bytes."""
-    import resource
-
+    memory (CPU: the process's resident high-water mark; CUDA: max_memory_allocated), bytes."""
     dev = torch.device(device)
     w = next(w for w in WORKLOADS if w.name == workload)
     torch.manual_seed(0)
@@ -157,7 +155,10 @@ def peak_memory_child(workload: str, config: str, device: str, redis_url: str) -
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        # VmHWM, the high-water mark of this process image: ru_maxrss would carry over the
+        # parent's peak from before the exec (Linux keeps it across fork and exec).
+        status = Path("/proc/self/status").read_text()
+        peak = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) * 1024
     if run is not None:
         run.finish()
     print(f"PEAK {peak}")
@@ -200,6 +201,9 @@ def main() -> None:
         "--out", help="default: bench/results/agent_overhead.md (_peers.md with --peers)"
     )
     parser.add_argument("--memory", action="store_true", help="add the peak-memory table")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the peak-memory table (agent_memory.md)"
+    )
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,6 +220,13 @@ def main() -> None:
                 continue
             steps = max(3, args.steps // 4) if "transformer" in w.name else args.steps
             warmup = 20 if "transformer" in w.name else 100
+            if args.memory_only:
+                params = sum(p.numel() for p in w.make().parameters())
+                rows.append(
+                    (w, {"params": params, "memory": peak_memory(w, args.device, redis.url)})
+                )
+                print(w.name, rows[-1][1]["memory"], flush=True)
+                continue
             res = bench_workload(w, args.rounds, steps, device, redis.url, warmup, args.peers)
             if args.memory:
                 res["memory"] = peak_memory(w, args.device, redis.url)
@@ -245,7 +256,10 @@ def main() -> None:
         "| workload | step (ms) | " + " | ".join(columns) + " | state (default) |",
         "|---|---|" + "---|" * len(columns) + "---|",
     ]
-    for w, res in rows:
+    if args.memory_only:
+        lines = lines[:5]
+        lines[0] = "# Agent peak memory"
+    for w, res in rows if not args.memory_only else []:
         cells = [f"{res['ratios'][c]:.3f}" if c in res["ratios"] else "n/a" for c in columns]
         lines.append(
             f"| {w.name} | {res['step_ms']:.2f} | "
@@ -273,8 +287,10 @@ def main() -> None:
                 f"| {w.name} | {name} | {100 * cost:.1f} % | {100 * ours:.1f} % "
                 f"| {cost / max(ours, 1e-9):.1f}× |"
             )
-    if args.memory:
-        kind = "max_memory_allocated" if device.type == "cuda" else "peak resident set (ru_maxrss)"
+    if args.memory or args.memory_only:
+        kind = (
+            "max_memory_allocated" if device.type == "cuda" else "resident high-water mark, VmHWM"
+        )
         lines += [
             "",
             f"Peak memory added over no monitoring ({kind}, median of 3 fresh processes "
@@ -294,20 +310,27 @@ def main() -> None:
                 + " | ".join(f"{mem[c]:+.1f}" for c in CONFIGS if c != "no monitoring")
                 + " |"
             )
-    notes = sorted({f"{k}: {v}" for _, r in rows for k, v in r["skipped"].items()})
-    lines += [
-        "",
-        "Peers: "
-        + (describe(None) if args.peers else "not run (make bench-peers runs them)")
-        + ".",
-    ]
+    notes = sorted({f"{k}: {v}" for _, r in rows for k, v in r.get("skipped", {}).items()})
+    if not args.memory_only:
+        lines += [
+            "",
+            "Peers: "
+            + (describe(None) if args.peers else "not run (make bench-peers runs them)")
+            + ".",
+        ]
     lines += [f"* n/a — {n}" for n in notes]
     lines.append("")
     out = Path(
         args.out
         or Path(__file__).parent
         / "results"
-        / ("agent_overhead_peers.md" if args.peers else "agent_overhead.md")
+        / (
+            "agent_overhead_peers.md"
+            if args.peers
+            else "agent_memory.md"
+            if args.memory_only
+            else "agent_overhead.md"
+        )
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,10 @@ EVERY = 500
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process image's resident high-water mark, MiB (VmHWM: ru_maxrss would carry
+    the parent's peak over the exec)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 1024
 
 
 def _auto_every(cost_s: float, step_s: float) -> int:

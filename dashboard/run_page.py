@@ -20,6 +20,9 @@ from dashboard.api_client import ApiClient, ApiError
 K_TRAJ = 8
 # Histograms kept for the slider (each one is layers × 24 counts in the browser).
 HIST_POINTS = 200
+# Steps kept in the layer × step heatmap: more rows than a panel has pixels only cost
+# transfer and drawing time.
+HEATMAP_ROWS = 400
 
 
 @dataclass(frozen=True)
@@ -340,7 +343,7 @@ def register(app: Dash, api: ApiClient) -> None:
                         since=cursor.get("scalars"), max_points=max_points),
                 api.get(f"{base}/events", since=cursor.get("events")),
                 api.get(f"{base}/layers", names="occupancy",
-                        since=cursor.get("layers"), max_points=max_points),
+                        since=cursor.get("layers"), max_points=min(max_points, HEATMAP_ROWS)),
                 api.get(f"{base}/spectrum", since=cursor.get("spectrum"), max_points=max_points),
                 api.get(f"{base}/hist", since=cursor.get("hist"), max_points=HIST_POINTS),
             )  # fmt: skip
@@ -386,7 +389,7 @@ def register(app: Dash, api: ApiClient) -> None:
             cursor["seen:spectrum"] = "1"
         return (
             *updates,
-            (heat[0], heat[1], max_points) if heat else dash.no_update,
+            (heat[0], heat[1], HEATMAP_ROWS) if heat else dash.no_update,
             (traj[0], traj[1], max_points) if traj else dash.no_update,
             bars,
             hist_all if hst["entries"] else dash.no_update,
