@@ -29,7 +29,11 @@ from server.embedded_redis import EmbeddedRedis, free_port
 from tests.dashboard.browser import browser_page
 
 LAYERS = [f"blocks.{i // 4}.{['attn', 'mlp', 'ln1', 'ln2'][i % 4]}.weight" for i in range(48)]
-PANELS = ("loss-graph", "signal-graph", "mem-graph", "noise-graph", "heatmap-graph")
+PANELS = (
+    "loss-graph", "signal-graph", "mem-graph", "noise-graph", "heatmap-graph", "spectrum-graph",
+)  # fmt: skip
+EDGES = [x / 2 for x in range(-16, 9)]
+COUNTS = [10 * (i % 7) for i in range(len(EDGES) - 1)]
 DRAWN_JS = """(ids) => ids.every(id => {
   const el = document.querySelector('#' + id + ' .js-plotly-plot');
   return el && el.data && el.data.some(t => (t.y || []).length > 1);
@@ -53,6 +57,16 @@ def fill(redis_url: str, run: cs.Run, steps: int) -> None:
             lrec = {"step": step, "t": rec["t"], "l": {"occupancy": [0.5] * len(LAYERS)}}
             pipe.xadd(
                 keys.stream(run.id, "layers"), wire.encode("layers", lrec), id=f"{step + 1}-0"
+            )
+        if step % 1000 == 0:  # histograms and spectra, as a watched run with a probe has
+            hrec = {"step": step, "t": rec["t"], "edges": EDGES, "counts": [COUNTS] * len(LAYERS)}
+            pipe.xadd(keys.stream(run.id, "hist"), wire.encode("hist", hrec), id=f"{step + 1}-0")
+        if step % 5000 == 0:
+            srec = {"step": step, "t": rec["t"], "w_eigs": [0.5 / (k + 1) for k in range(16)],
+                    "kernel_eigs": [1.0 / (k + 1) for k in range(16)], "method": "exact",
+                    "probe_size": 64}  # fmt: skip
+            pipe.xadd(
+                keys.stream(run.id, "spectrum"), wire.encode("spectrum", srec), id=f"{step + 1}-0"
             )
         if step % 2000 == 1999:
             pipe.execute()
