@@ -86,6 +86,7 @@ def demo(settings: Settings, steps: int, runs: int, keep_serving: bool) -> int:
                 "task": "modular addition",
                 "p": 53,
                 "weight_decay": wd,
+                "lr": 3e-3,
                 "seed": i,
                 "steps": steps,
             }
@@ -192,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in (p_serve, p_demo):
         p.add_argument("--host", default=None)
         p.add_argument("--port", type=int, default=None)
-    p_demo.add_argument("--steps", type=int, default=6000)
+    p_demo.add_argument("--steps", type=int, default=4000)
     p_demo.add_argument("--runs", type=int, default=1)
     p_demo.add_argument("--exit", action="store_true", help="stop serving when training ends")
     args = parser.parse_args(argv)
