@@ -105,7 +105,7 @@ def create_dash_app(settings: Any, server: Any) -> Dash:
         if path.startswith("/runs/"):
             run_id = path.removeprefix("/runs/").strip("/")
             return run_page.layout(
-                run_id, settings.dashboard_refresh_ms, settings.default_max_points
+                run_id, settings.dashboard_refresh_ms, settings.dashboard_max_points
             )
         if path.startswith("/compare"):
             return compare_page.layout()

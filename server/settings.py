@@ -38,3 +38,8 @@ class Settings(BaseSettings):
     )
     dashboard: bool = True
     dashboard_refresh_ms: int = Field(default=1000, ge=200)
+    dashboard_max_points: int = Field(
+        default=1000,
+        ge=2,
+        description="points per trace on the run page (one per pixel of a 1366-px panel)",
+    )
