@@ -165,12 +165,13 @@ PEERS: dict[str, Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch
 
 
 def describe(_: Any) -> str:
-    """Versions of the installed peers, for the report."""
+    """Versions of the installed peers (their distributions), for the report."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = []
-    for mod in ("backpack", "cockpit", "wandb"):
+    for dist in ("backpack-for-pytorch", "cockpit-for-pytorch", "wandb"):
         try:
-            m = __import__(mod)
-            out.append(f"{mod} {getattr(m, '__version__', '?')}")
-        except ImportError:
-            out.append(f"{mod} not installed")
+            out.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            out.append(f"{dist} not installed")
     return ", ".join(out)
