@@ -256,6 +256,8 @@ class Monitor:
             # but a finite set can still be memorized: the tail score stays enabled.
             self.tracker = MemorizationTracker(self.gate.alpha_n, chance, onset)
         self._last_emit_step = 0
+        self._last_probe_step = -(10**9)  # the first emitted step evaluates the probe
+        self._probe_window = 0
         if hook not in ("optimizer", "manual"):
             raise ValueError("hook must be 'optimizer' or 'manual'")
         # 'manual': a framework callback (Lightning on_before_optimizer_step, Hugging Face
@@ -565,8 +567,12 @@ class Monitor:
         if (
             self.tracker is not None
             and self._probe is not None
-            and step % self.tracker.settings.probe_every == 0
+            # On the first emitted step of each probe interval: the budget may have spaced
+            # emissions so that few of them fall on multiples of probe_every.
+            and step - self._last_probe_step >= self.tracker.settings.probe_every
         ):
+            self._probe_window = step - self._last_probe_step
+            self._last_probe_step = step
             inputs, targets, loss = self._probe
             self._capture_off(
                 lambda: parts.__setitem__("tail", self._tail_tensor(inputs, targets, loss))
@@ -691,7 +697,9 @@ class Monitor:
         if "tail" in host:
             med, q75, q90, h = host["tail"]
             tracker.observe_tail(
-                TailStatistics(med, q75, q90, h), tracker.settings.probe_every, step
+                TailStatistics(med, q75, q90, h),
+                min(self._probe_window, 10 * tracker.settings.probe_every),
+                step,
             )
             out.update(
                 {
