@@ -127,10 +127,16 @@ class ProbeKernel:
     def _buffers(self) -> dict[str, torch.Tensor]:
         return dict(self.model.named_buffers())
 
-    def _project(self, out: torch.Tensor) -> torch.Tensor:
-        flat = out.reshape(self.n_probe, -1)
+    def _project(
+        self, out: torch.Tensor, targets: torch.Tensor | None = None, n: int | None = None
+    ) -> torch.Tensor:
+        """The outputs of n examples (default: the probe) projected to R values each,
+        flattened example-major."""
+        n = self.n_probe if n is None else n
+        targets = self.targets if targets is None else targets
+        flat = out.reshape(n, -1)
         if self.true_class:
-            return flat.gather(1, self.targets.reshape(-1, 1)).reshape(-1)
+            return flat.gather(1, targets.reshape(n, 1)).reshape(-1)
         if self.proj is not None:
             flat = flat @ self.proj
         return flat.reshape(-1)
@@ -198,21 +204,15 @@ class ProbeKernel:
         all of it. J is built one group of parameters at a time, each group's block of J
         within ``memory_limit``; when a single parameter's block does not fit, K̃ is
         built from kernel-vector products instead."""
-        if self._held is not None:
-            k = torch.zeros(self.size, self.size, dtype=self._dtype(), device=self.inputs.device)
-            for name, jac in self._held.items():
-                scaled = jac if precond is None else jac * precond[name].reshape(1, -1)
-                k += scaled @ jac.T
-            k /= self.n_probe
-            return (k + k.T) / 2
         groups = self._jacobian_groups()
-        if groups is None:
+        if self._held is None and groups is None:
             eye = torch.eye(self.size, dtype=self._dtype(), device=self.inputs.device)
             k = self.matmat(eye, precond)
         else:
+            blocks = [self._held] if self._held is not None else map(self._jacobian, groups or [])
             k = torch.zeros(self.size, self.size, dtype=self._dtype(), device=self.inputs.device)
-            for names in groups:
-                for name, jac in self._jacobian(names).items():
+            for block in blocks:
+                for name, jac in block.items():
                     scaled = jac if precond is None else jac * precond[name].reshape(1, -1)
                     k += scaled @ jac.T
             k /= self.n_probe
@@ -261,7 +261,7 @@ class ProbeKernel:
 
         def outputs(ps: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = functional_call(self.model, ({**fixed, **ps}, buffers), (x.unsqueeze(0),))
-            return self._project_one(out, t)
+            return self._project(out, t, 1)
 
         per_example = vmap(jacrev(outputs), in_dims=(None, 0, 0))
         coords = sum(p.numel() for p in wanted.values())
@@ -282,15 +282,6 @@ class ProbeKernel:
                 for n in names:
                     out[n][rows] = jac[n].reshape(-1, out[n].shape[1])
         return out
-
-    def _project_one(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``_project`` for one example's output (batch of one): R values."""
-        flat = out.reshape(1, -1)
-        if self.true_class:
-            return flat.gather(1, target.reshape(1, 1)).reshape(-1)
-        if self.proj is not None:
-            flat = flat @ self.proj
-        return flat.reshape(-1)
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
