@@ -78,17 +78,11 @@ def backpack_variance(
 ) -> Step:
     """BackPACK's Variance extension every step."""
     try:
-        from backpack import backpack, extend
+        from backpack import backpack
         from backpack.extensions import Variance
     except ImportError as exc:
         raise Unsupported("backpack-for-pytorch is not installed") from exc
-    if any(
-        isinstance(m, nn.BatchNorm2d | nn.TransformerEncoderLayer | nn.Embedding)
-        for m in model.modules()
-    ):
-        raise Unsupported("layers outside BackPACK's whitelist")
-    model = extend(model)
-    lossfn = extend(nn.CrossEntropyLoss())
+    model, lossfn = _backpack_extended(model)
 
     def step() -> None:
         loss = lossfn(model(x), y)
@@ -105,19 +99,12 @@ def cockpit_economy(
 ) -> Step:
     """Cockpit's "economy" configuration plus MeanGSNR, every step."""
     try:
-        from backpack import extend
         from cockpit import Cockpit, quantities
         from cockpit.utils import schedules
         from cockpit.utils.configuration import configuration
     except ImportError as exc:
         raise Unsupported("cockpit-for-pytorch is not installed") from exc
-    if any(
-        isinstance(m, nn.BatchNorm2d | nn.TransformerEncoderLayer | nn.Embedding)
-        for m in model.modules()
-    ):
-        raise Unsupported("layers outside BackPACK's whitelist")
-    model = extend(model)
-    lossfn = extend(nn.CrossEntropyLoss())
+    model, lossfn = _backpack_extended(model)
     individual = nn.CrossEntropyLoss(reduction="none")
     every_step = schedules.linear(1)  # equal cadence with the agent's every-step columns
     quants = [*configuration("economy", track_schedule=every_step), quantities.MeanGSNR(every_step)]
