@@ -46,6 +46,11 @@ td.num { font-variant-numeric: tabular-nums; }
         max-width: 1200px; margin: .6rem 0; }
 .spark { height: 30px; width: 120px; }
 .link { font-size: .85rem; }
+/* Room reserved for what arrives after the first paint, so nothing below it moves. */
+.config { min-height: 1.5em; }
+.step b { display: inline-block; min-width: 8ch; font-variant-numeric: tabular-nums; }
+.status { display: inline-block; min-width: 7ch; }
+.slider-box { min-height: 48px; }
 .theme-toggle { margin-left: auto; background: transparent; color: #cbd5e1;
                 border: 1px solid #334155; border-radius: 4px; padding: .15rem .5rem;
                 cursor: pointer; font: inherit; font-size: .85rem; }

@@ -91,14 +91,24 @@ PANELS = (
 )  # fmt: skip
 
 
+def _graph(graph_id: str, figure: Any) -> html.Div:
+    """A graph in a box that has its figure's height from the first paint (dcc.Graph itself
+    renders nothing until Plotly's bundle has loaded), so panels do not move as it draws."""
+    height = f"{figure.layout.height or 320}px"
+    graph = dcc.Graph(
+        id=graph_id, figure=figure, config={"displaylogo": False}, style={"height": height}
+    )
+    return html.Div(graph, style={"minHeight": height})
+
+
 def _panel(p: Panel) -> html.Div:
     return html.Div(
         [
             html.P(p.explain, className="explain"),
             html.P("", id={"type": "empty", "panel": p.graph}, className="empty"),
-            dcc.Graph(
-                id=p.graph,
-                figure=figures.series_figure(
+            _graph(
+                p.graph,
+                figures.series_figure(
                     p.title,
                     p.traces,
                     y_title=p.y_title,
@@ -107,7 +117,6 @@ def _panel(p: Panel) -> html.Div:
                     secondary_title=p.secondary_title,
                     markers=p.markers,
                 ),
-                config={"displaylogo": False},
             ),
         ],
         className="panel",
@@ -149,10 +158,9 @@ def layout(run_id: str, refresh_ms: int, max_points: int) -> html.Div:
                         className="explain",
                     ),
                     html.P("", id="heatmap-empty", className="empty"),
-                    dcc.Graph(
-                        id="heatmap-graph",
-                        figure=figures.heatmap_figure([], "occupancy per layer", "occupancy"),
-                        config={"displaylogo": False},
+                    _graph(
+                        "heatmap-graph",
+                        figures.heatmap_figure([], "occupancy per layer", "occupancy"),
                     ),
                 ],
                 className="panel",
@@ -170,11 +178,7 @@ def layout(run_id: str, refresh_ms: int, max_points: int) -> html.Div:
                                 className="explain",
                             ),
                             html.P("", id="spectrum-empty", className="empty"),
-                            dcc.Graph(
-                                id="spectrum-graph",
-                                figure=figures.spectrum_trajectories(K_TRAJ),
-                                config={"displaylogo": False},
-                            ),
+                            _graph("spectrum-graph", figures.spectrum_trajectories(K_TRAJ)),
                         ],
                         className="panel",
                     ),
@@ -185,11 +189,7 @@ def layout(run_id: str, refresh_ms: int, max_points: int) -> html.Div:
                                 "(above the dashed cutoff).",
                                 className="explain",
                             ),
-                            dcc.Graph(
-                                id="spectrum-bars",
-                                figure=figures.spectrum_bars(None),
-                                config={"displaylogo": False},
-                            ),
+                            _graph("spectrum-bars", figures.spectrum_bars(None)),
                         ],
                         className="panel",
                     ),
@@ -204,21 +204,20 @@ def layout(run_id: str, refresh_ms: int, max_points: int) -> html.Div:
                         "travel in time.",
                         className="explain",
                     ),
-                    dcc.Slider(
-                        id="hist-slider",
-                        min=0,
-                        max=0,
-                        step=1,
-                        value=0,
-                        marks=None,
-                        tooltip={"placement": "bottom"},
-                        updatemode="drag",
+                    html.Div(
+                        dcc.Slider(
+                            id="hist-slider",
+                            min=0,
+                            max=0,
+                            step=1,
+                            value=0,
+                            marks=None,
+                            tooltip={"placement": "bottom"},
+                            updatemode="drag",
+                        ),
+                        className="slider-box",
                     ),
-                    dcc.Graph(
-                        id="hist-graph",
-                        figure=figures.histogram_figure(None, []),
-                        config={"displaylogo": False},
-                    ),
+                    _graph("hist-graph", figures.histogram_figure(None, [])),
                 ],
                 className="panel",
             ),

@@ -47,6 +47,12 @@ def test_run_page_panels_fill_and_missing_series_show_empty_states(
     bare.log({"train/loss": 1.0}, 0)
     bare.finish()
     with browser_page() as (page, errors):
+        # Record layout shifts from the first paint on (Chromium's Layout Instability API).
+        page.add_init_script(
+            "window.__shift = 0; new PerformanceObserver(l => l.getEntries().forEach(e => {"
+            " if (!e.hadRecentInput) window.__shift += e.value; }))"
+            ".observe({type: 'layout-shift', buffered: true});"
+        )
         page.goto(f"{live_server.url}/runs/{full.id}")
         for graph in (
             "loss-graph",
@@ -62,6 +68,9 @@ def test_run_page_panels_fill_and_missing_series_show_empty_states(
         )
         page.wait_for_selector("#events-table")
         assert "run_finished" in page.inner_text("#events-list")
+        # Panels keep their place as data arrives: cumulative layout shift stays below
+        # 0.1, the "good" threshold of Web Vitals.
+        assert page.evaluate("window.__shift") < 0.1
         screenshot(page, "run-page-full")
         page.set_viewport_size({"width": 3840, "height": 2160})
         screenshot(page, "run-page-4k")
