@@ -41,6 +41,9 @@ def _worker(rank: int, world: int, port: int, x: torch.Tensor, y: torch.Tensor, 
         snap = {"g": mon.snapshot["g"], "s": mon.snapshot["s"], "est": mon._last_estimator}
         torch.save(snap, f"{out}/rank{rank}.pt")
         run.finish()
+        # Neither rank tears gloo down while the other may still use it (a rank that did
+        # so aborted once under load: "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
