@@ -256,7 +256,9 @@ class Monitor:
             # but a finite set can still be memorized: the tail score stays enabled.
             self.tracker = MemorizationTracker(self.gate.alpha_n, chance, onset)
         self._last_emit_step = 0
-        self._last_probe_step = -(10**9)  # the first emitted step evaluates the probe
+        # Last emitted step of each slower schedule (histograms, probe); the first emitted
+        # step runs them all.
+        self._last_run: dict[str, int] = {}
         self._probe_window = 0
         if hook not in ("optimizer", "manual"):
             raise ValueError("hook must be 'optimizer' or 'manual'")
@@ -544,7 +546,7 @@ class Monitor:
             m2 = m_hat * m_hat
         self._last_estimator = estimator
         warm = estimator != STREAMING or self.n_updates * self.stride >= 1 / (1 - self.rho)
-        with_hist = step % self.hist_every == 0
+        with_hist = self._due("hist", step, self.hist_every) is not None
         # v̂ is a slow EMA (β2 ≈ 0.999): refreshing w with the histograms is enough.
         if self._w is None or with_hist or self._w_kind != (adam is not None):
             self._w = self._step_scale(adam)
@@ -564,15 +566,14 @@ class Monitor:
         }
         if with_hist:
             parts["hist"] = st.log_snr_histograms(g, s, self.bounds).reshape(-1)
-        if (
-            self.tracker is not None
-            and self._probe is not None
-            # On the first emitted step of each probe interval: the budget may have spaced
-            # emissions so that few of them fall on multiples of probe_every.
-            and step - self._last_probe_step >= self.tracker.settings.probe_every
-        ):
-            self._probe_window = step - self._last_probe_step
-            self._last_probe_step = step
+        probe_window = (
+            self._due("probe", step, self.tracker.settings.probe_every)
+            if self.tracker is not None and self._probe is not None
+            else None
+        )
+        if probe_window is not None:
+            self._probe_window = probe_window
+            assert self._probe is not None
             inputs, targets, loss = self._probe
             self._capture_off(
                 lambda: parts.__setitem__("tail", self._tail_tensor(inputs, targets, loss))
@@ -588,6 +589,17 @@ class Monitor:
             host[n] = flat[offset : offset + size]
             offset += size
         self._publish(step, host, estimator, warm)
+
+    def _due(self, schedule: str, step: int, every: int) -> int | None:
+        """Steps since ``schedule`` last ran if it is due at this emitted step, else None.
+
+        Due on the first emitted step of each interval rather than on multiples of
+        ``every``: the budget may space emissions so that few fall on those multiples."""
+        last = self._last_run.get(schedule)
+        if last is not None and step - last < every:
+            return None
+        self._last_run[schedule] = step
+        return step - last if last is not None else every
 
     def _tail_tensor(self, inputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
         """[median, q75, q90, H] of the probe losses, on the device."""

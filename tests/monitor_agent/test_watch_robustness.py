@@ -172,3 +172,30 @@ def test_per_example_hooks_exist_only_on_captured_steps() -> None:
     assert [i for i, h in enumerate(hooked) if h] == [0, 5, 10]
     assert mon.stride == 5  # the streaming fallback runs on emitted steps only
     run.finish()
+
+
+def test_slower_schedules_run_on_the_first_emission_of_each_interval(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    model = nn.Sequential(nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    with cs.init("t", "schedules", redis_url=redis_url) as run:
+        # emissions every 30 steps never fall on a multiple of 100 but at 0 and 300
+        run.watch(
+            model, opt, batch_size=32, dataset_size=64, emit_every=30, hist_every=100,
+            budget=None, probe=(x[:16], y[:16]), memorization={"probe_every": 50},
+        )  # fmt: skip
+        _train(model, opt, 250, x, y)
+    hist = [
+        wire.decode("hist", f)["step"]
+        for _, f in redis_client.xrange(run.keys.stream(run.id, "hist"))
+    ]
+    tail = [
+        r["step"]
+        for _, f in redis_client.xrange(run.keys.stream(run.id, "scalars"))
+        if "memorization/disagree_fraction" in (r := wire.decode("scalars", f))["s"]
+    ]
+    assert hist == [120, 240]  # step 0 is computed but not published: not warm yet
+    # the probe runs at 0, 60, 120, …; scores are published once the estimate is warm
+    assert tail == [120, 180, 240]
