@@ -117,6 +117,12 @@ class Keys:
         """Downsampled scalars of a run at one resolution level (server-owned)."""
         return f"{self.prefix}run:{{{run_id}}}:rollup:{level}"
 
+    def run_state(self, run_id: str, part: str) -> str:
+        """A key the server keeps about a run (server-owned): ``ingest`` cursors,
+        ``latest`` values, the occupancy ``spark`` line, ``rollup:state``, ``alertstate``
+        (``*`` to match them all)."""
+        return f"{self.prefix}run:{{{run_id}}}:{part}"
+
     def run_id_of(self, key: str) -> str | None:
         """The run id inside a run key, or None when key is not a run key."""
         head = f"{self.prefix}run:{{"

@@ -317,7 +317,7 @@ class AlertEngine:
     async def _evaluate(
         self, run_id: str, project: str, kind: str, rec: dict[str, Any], rules: list[dict[str, Any]]
     ) -> None:
-        state_key = f"{self.store.keys.prefix}run:{{{run_id}}}:alertstate"
+        state_key = self.store.keys.run_state(run_id, "alertstate")
         for rule in rules:
             if kind == "events":
                 if rule["kind"] == "memorization_onset" and rec["kind"] == "memorization_onset":

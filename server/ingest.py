@@ -61,7 +61,7 @@ class Ingestor:
         keys = self.store.keys
         total = 0
         for run_id in await self.store.active_runs():
-            cursor_key = f"{keys.prefix}run:{{{run_id}}}:ingest"
+            cursor_key = keys.run_state(run_id, "ingest")
             if run_id not in self.cursors:
                 # Resume where any replica left off: a restart neither re-reads history
                 # nor counts alerts twice.
@@ -93,14 +93,14 @@ class Ingestor:
                 last = entries[-1][0]
                 cursors[kind] = last.decode() if isinstance(last, bytes) else last
                 total += len(entries)
-            latest_key = f"{keys.prefix}run:{{{run_id}}}:latest"
+            latest_key = keys.run_state(run_id, "latest")
             pipe = client.pipeline(transaction=False)
             if latest:
                 pipe.hset(latest_key, mapping=latest)
             if alerts:
                 pipe.hincrby(latest_key, "alerts", alerts)
             if spark:
-                spark_key = f"{keys.prefix}run:{{{run_id}}}:spark"
+                spark_key = keys.run_state(run_id, "spark")
                 pipe.rpush(spark_key, *[repr(v) for v in spark])
                 pipe.ltrim(spark_key, -SPARK_POINTS, -1)
             pipe.hset(cursor_key, mapping=dict[Any, Any](cursors))

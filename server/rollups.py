@@ -45,7 +45,7 @@ def rollup_key(store: Store, run_id: str, level: int) -> str:
 
 def state_key(store: Store, run_id: str) -> str:
     """The HASH with the id and step the rollups have reached, and the series names."""
-    return f"{store.keys.prefix}run:{{{run_id}}}:rollup:state"
+    return store.keys.run_state(run_id, "rollup:state")
 
 
 def _merge(a: list[float] | None, b: list[float]) -> list[float]:

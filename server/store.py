@@ -120,8 +120,8 @@ class Store:
         pipe = self.client.pipeline(transaction=False)
         for run_id in ids:
             pipe.hgetall(self.keys.meta(run_id))
-            pipe.hgetall(f"{self.keys.prefix}run:{{{run_id}}}:latest")
-            pipe.lrange(f"{self.keys.prefix}run:{{{run_id}}}:spark", 0, -1)
+            pipe.hgetall(self.keys.run_state(run_id, "latest"))
+            pipe.lrange(self.keys.run_state(run_id, "spark"), 0, -1)
         replies = await pipe.execute()
         out: list[dict[str, Any]] = []
         needle = (q or "").lower()
@@ -216,7 +216,7 @@ class Store:
         """Delete every key of a run and its index entries."""
         keys = self.keys
         names = {keys.meta(run_id), *(keys.stream(run_id, k) for k in wire.STREAM_KINDS)}
-        async for key in self.client.scan_iter(match=f"{keys.prefix}run:{{{run_id}}}:*"):
+        async for key in self.client.scan_iter(match=keys.run_state(run_id, "*")):
             names.add(key.decode() if isinstance(key, bytes) else key)
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(*names)

@@ -14,6 +14,8 @@ def test_keys_carry_the_run_id_as_a_hash_tag() -> None:
     assert keys.meta("a1b2") == "cs:run:{a1b2}:meta"
     assert keys.stream("a1b2", "scalars") == "cs:run:{a1b2}:scalars"
     assert keys.rollup("a1b2", 2) == "cs:run:{a1b2}:rollup:2"
+    assert keys.run_state("a1b2", "latest") == "cs:run:{a1b2}:latest"
+    assert keys.run_id_of(keys.run_state("a1b2", "rollup:state")) == "a1b2"
     assert keys.runs() == "cs:runs"
     assert keys.run_id_of(keys.stream("zz9", "events")) == "zz9"
     assert keys.run_id_of("cs:runs") is None
