@@ -102,7 +102,7 @@ def main() -> None:
         fill(rds.url, long, args.steps)
         client = redis.Redis.from_url(rds.url)
         while (
-            int(client.hget(f"cs:run:{{{long.id}}}:rollup:state", "last_step") or 0)
+            int(client.hget(long.keys.run_state(long.id, "rollup:state"), "last_step") or 0)
             < args.steps - 1
         ):
             time.sleep(0.5)

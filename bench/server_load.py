@@ -156,7 +156,7 @@ def main() -> None:
         long.finish()
         _flood(rds.url, [long.id], args.long_steps)
         client = redis.Redis.from_url(rds.url)
-        state = f"cs:run:{{{long.id}}}:rollup:state"
+        state = long.keys.run_state(long.id, "rollup:state")
         t_roll = time.perf_counter()
         while int(client.hget(state, "last_step") or 0) < args.long_steps - 1:
             time.sleep(0.2)

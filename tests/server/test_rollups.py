@@ -15,7 +15,7 @@ from server.rollups import WIDTHS
 
 def _wait_rolled(redis_client: redis.Redis, run: cs.Run, last_step: int) -> None:
     deadline = time.monotonic() + 30
-    key = f"cs:run:{{{run.id}}}:rollup:state"
+    key = run.keys.run_state(run.id, "rollup:state")
     while time.monotonic() < deadline:
         got = redis_client.hget(key, "last_step")
         if got is not None and int(got) >= last_step:
