@@ -9,16 +9,12 @@ from dash import Dash, Input, Output, State, dcc, html
 from dashboard import compare_page, rules_page, run_page, runs_page
 from dashboard.api_client import ApiClient
 
+# The dark palette, chosen by the toggle or, on "auto", by the operating system.
+DARK = "--bg: #0b1120; --fg: #e2e8f0; --panel: #111827; --line: #1f2937; --muted: #94a3b8;"
 CSS = """
 :root { --bg: #f8fafc; --fg: #0f172a; --panel: #ffffff; --line: #e2e8f0; --muted: #475569; }
-:root[data-theme="dark"] {
-  --bg: #0b1120; --fg: #e2e8f0; --panel: #111827; --line: #1f2937; --muted: #94a3b8;
-}
-@media (prefers-color-scheme: dark) {
-  :root:not([data-theme="light"]) {
-    --bg: #0b1120; --fg: #e2e8f0; --panel: #111827; --line: #1f2937; --muted: #94a3b8;
-  }
-}
+:root[data-theme="dark"] { DARK }
+@media (prefers-color-scheme: dark) { :root:not([data-theme="light"]) { DARK } }
 body { font-family: system-ui, sans-serif; margin: 0; color: var(--fg); background: var(--bg); }
 .topbar { display: flex; gap: 1.5rem; align-items: center; padding: .6rem 1.2rem;
           background: #0f172a; color: white; }
@@ -54,7 +50,7 @@ td.num { font-variant-numeric: tabular-nums; }
 .theme-toggle { margin-left: auto; background: transparent; color: #cbd5e1;
                 border: 1px solid #334155; border-radius: 4px; padding: .15rem .5rem;
                 cursor: pointer; font: inherit; font-size: .85rem; }
-"""
+""".replace("DARK", DARK)
 
 
 def create_dash_app(settings: Any, server: Any) -> Dash:
