@@ -354,6 +354,8 @@ class AlertEngine:
                     await self.fire(
                         rule, run_id, project, rec["step"], msg, {"value": v, "points": count}
                     )
+        if kind == "scalars" and any(r["kind"] == "threshold" for r in rules):
+            await self.store.after_server_write(run_id)
 
     async def _stalled(
         self, run_id: str, project: str, meta: dict[str, Any], rules: list[dict[str, Any]]

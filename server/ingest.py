@@ -105,6 +105,7 @@ class Ingestor:
                 pipe.ltrim(spark_key, -SPARK_POINTS, -1)
             pipe.hset(cursor_key, mapping=dict[Any, Any](cursors))
             await pipe.execute()
+            await self.store.after_server_write(run_id)
         self.records += total
         return total
 

@@ -180,6 +180,7 @@ class RollupWriter:
         prev_last = await client.hget(state, "last_step")
         if prev_last is None or int(prev_last) < last_step:
             await client.hset(state, "last_step", last_step)
+        await self.store.after_server_write(run_id)
 
     async def apply_retention(self) -> int:
         """Delete finished runs older than their project's retention; returns how many."""

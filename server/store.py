@@ -215,11 +215,23 @@ class Store:
     async def delete_run(self, run_id: str, project: str) -> None:
         """Delete every key of a run and its index entries."""
         keys = self.keys
-        names = {keys.meta(run_id), *(keys.stream(run_id, k) for k in wire.STREAM_KINDS)}
-        async for key in self.client.scan_iter(match=keys.run_state(run_id, "*")):
-            names.add(key.decode() if isinstance(key, bytes) else key)
         pipe = self.client.pipeline(transaction=False)
-        pipe.delete(*names)
+        pipe.delete(keys.meta(run_id), *(keys.stream(run_id, k) for k in wire.STREAM_KINDS))
         pipe.zrem(keys.runs(), run_id)
         pipe.zrem(keys.project_runs(project), run_id)
         await pipe.execute()
+        await self._delete_run_state(run_id)
+
+    async def after_server_write(self, run_id: str) -> None:
+        """Call after writing server-owned keys of a run: if the run was deleted meanwhile
+        (its meta is gone), remove what the write recreated. A background reader that was
+        mid-batch when a run was deleted would otherwise leave keys behind."""
+        if not await self.client.exists(self.keys.meta(run_id)):
+            await self._delete_run_state(run_id)
+
+    async def _delete_run_state(self, run_id: str) -> None:
+        names = [
+            _text(k) async for k in self.client.scan_iter(match=self.keys.run_state(run_id, "*"))
+        ]
+        if names:
+            await self.client.delete(*names)

@@ -82,3 +82,29 @@ def test_retention_deletes_old_finished_runs(
 
     assert asyncio.run(apply()) == 1
     assert api.get(f"/api/runs/{old.id}").status_code == 404
+
+
+def test_a_write_racing_a_delete_leaves_no_keys(redis_url: str, redis_client: redis.Redis) -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from server.rollups import RollupWriter
+    from server.store import Store
+
+    run = cs.init("racy", "deleted", redis_url=redis_url)
+    run.finish()
+    records = [("5-0", {"step": 4, "t": 1.0, "s": {"train/loss": 0.5}})]
+
+    async def delete_then_write() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            store = Store(client, "cs:", 60.0)
+            await store.delete_run(run.id, "racy")
+            # a rollup batch read before the delete is written after it
+            await RollupWriter(store, 0.1)._write(run.id, records, "5-0")
+        finally:
+            await client.aclose()
+
+    asyncio.run(delete_then_write())
+    assert redis_client.keys(run.keys.run_state(run.id, "*")) == []
