@@ -67,10 +67,13 @@ def series_figure(
                 "showgrid": False,
             }
         )
+    # SVG lines, not WebGL (Scattergl): a trace holds at most max_points (1,000) points,
+    # which SVG draws at once, while every WebGL plot creates a GL context, about half of
+    # a 2-s page load on a machine without a GPU (bench/dashboard_load.py).
     for i, name in enumerate(names):
         data = (series or {}).get(name, {})
         fig.add_trace(
-            go.Scattergl(
+            go.Scatter(
                 x=list(data.get("step", [])),
                 y=list(data.get("value", [])),
                 mode="lines",
@@ -254,7 +257,7 @@ def compare_figure(
     fig.update_layout(height=460)
     for i, (label, data) in enumerate(runs):
         fig.add_trace(
-            go.Scattergl(
+            go.Scatter(
                 x=list(data.get("x", [])),
                 y=list(data.get("value", [])),
                 mode="lines",
