@@ -218,6 +218,18 @@ class ProbeKernel:
             k /= self.n_probe
         return (k + k.T) / 2
 
+    @property
+    def holds_jacobian(self) -> bool:
+        """True inside ``materialized()`` when J is held whole (products are matmuls)."""
+        return self._held is not None
+
+    def blocks_build_explicit(self) -> bool:
+        """True when ``explicit()`` would build K̃ from blocks of J (not from products)
+        and K̃ itself takes at most a quarter of ``memory_limit``."""
+        itemsize = torch.empty((), dtype=self._dtype()).element_size()
+        fits = self.size * self.size * itemsize <= self.memory_limit // 4
+        return fits and (self._held is not None or self._jacobian_groups() is not None)
+
     @contextmanager
     def materialized(self) -> Iterator[bool]:
         """Hold the whole J for the duration when it fits ``memory_limit`` (yields whether

@@ -236,6 +236,39 @@ def test_sketch_path_for_large_probes() -> None:
     run.finish()
 
 
+def test_sketch_update_agrees_whether_j_is_held_built_in_blocks_or_absent() -> None:
+    """The three ways a sketch update reaches K̃ (J held whole, K̃ built from blocks of J,
+    kernel-vector products) give the same sketch and kernel spectrum."""
+    from monitor_agent.spectrum import GramianTracker
+
+    torch.manual_seed(random.randrange(10**9))
+    model, x, y = MODELS["cnn"]()
+    roomy = ProbeKernel(model, x, y, projections=2)
+    largest = max(p.numel() for p in model.parameters())
+    kernels = {
+        "held": roomy,
+        "blocks": ProbeKernel(model, x, y, projections=2,
+                              memory_limit=max(2 * roomy.size * 8 * largest,
+                                               4 * roomy.size**2 * 8)),
+        "products": ProbeKernel(model, x, y, projections=2, memory_limit=1),
+    }  # fmt: skip
+    assert kernels["blocks"].blocks_build_explicit()
+    assert not kernels["products"].blocks_build_explicit()
+    precond = {n: torch.rand_like(p) + 0.1 for n, p in model.named_parameters()}
+    reports = {}
+    for name, kern in kernels.items():
+        tracker = GramianTracker(kern, 3, exact_max=0, seed=7)
+        with kern.materialized() as held:
+            assert held == (name == "held")
+        reports[name] = (tracker.update([0.01, 0.02], precond), tracker.sketch)
+    want = torch.linalg.eigvalsh(roomy.explicit(precond)).flip(0)[:3]
+    for name, (report, sketch) in reports.items():
+        assert report.method == "sketch"
+        torch.testing.assert_close(sketch, reports["products"][1], rtol=1e-9, atol=1e-12)
+        got = torch.tensor(report.kernel_eigs)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10, msg=name)
+
+
 def test_auto_schedule_keeps_the_amortized_cost_under_budget() -> None:
     from monitor_agent.spectrum import SpectrumSchedule
 
