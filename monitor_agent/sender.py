@@ -187,6 +187,7 @@ class Sender:
         retry_every_s: float = 1.0,
         on_batch: Callable[[bool], list[Op]] | None = None,
         heartbeat_s: float = 5.0,
+        linger_s: float = 0.05,
     ) -> None:
         self._url_source = url_source
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -198,6 +199,7 @@ class Sender:
         self._client: redis.Redis | None = None
         self._next_try = 0.0
         self._heartbeat_s = heartbeat_s
+        self._linger_s = linger_s
         self._last_touch = 0.0
         self._thread = threading.Thread(target=self._loop, name="channelscope-sender", daemon=True)
         self._thread.start()
@@ -306,8 +308,15 @@ class Sender:
             batches: list[Any] = []
             try:
                 batches.append(self._queue.get(timeout=0.2))
-                while len(batches) < self._batch_size:
-                    batches.append(self._queue.get_nowait())
+                # Linger a moment for more records: a delivery's fixed cost (touch ops, a
+                # pipeline round trip) is paid once per batch, and at one record a step it
+                # was most of the sender's CPU, which the training step competes for.
+                deadline = time.monotonic() + self._linger_s
+                while len(batches) < self._batch_size and batches[-1] is not _STOP:
+                    wait = deadline - time.monotonic()
+                    batches.append(
+                        self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                    )
             except queue.Empty:
                 pass
             ops: list[Op] = []
