@@ -130,7 +130,9 @@ def layout(run_id: str, refresh_ms: int, max_points: int) -> html.Div:
             dcc.Store(id="run-id", data=run_id),
             dcc.Store(id="run-cursor", data={}),
             dcc.Store(id="run-max-points", data=max_points),
+            dcc.Store(id="run-hist-new", data=[]),
             dcc.Store(id="run-hist", data=[]),
+            dcc.Store(id="run-hist-entry", data=None),
             dcc.Store(id="run-layers", data=[]),
             dcc.Store(id="run-events", data=[]),
             html.Div(
@@ -237,12 +239,40 @@ def layout(run_id: str, refresh_ms: int, max_points: int) -> html.Div:
     )
 
 
-def cap_entries(entries: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """At most ``limit`` entries: while over, every other one of the older entries is
-    dropped (the newest is always kept), so a live run's history stays spread out."""
-    while len(entries) > limit:
-        entries = entries[:-1][::2] + entries[-1:]
-    return entries
+# The histograms live in the browser only: a server callback taking them as State would
+# upload all of them (layers × 24 counts × HIST_POINTS, ~1 MB at 48 layers) on every tick
+# and every slider move. Three browser-side functions keep them; the server draws one.
+#
+# Append new entries and cap the list: while over the limit, every other one of the older
+# entries is dropped (the newest is always kept), so a live run's history stays spread out.
+_CAP_HIST_JS = """function(fresh, hist) {
+    let entries = (hist || []).concat(fresh || []);
+    while (entries.length > LIMIT) {
+        entries = entries.slice(0, -1).filter((_, i) => i % 2 === 0).concat(entries.slice(-1));
+    }
+    return entries;
+}"""
+
+
+def cap_hist_js(limit: int) -> str:
+    """The browser-side function (fresh, hist) → hist that appends and caps at ``limit``."""
+    return _CAP_HIST_JS.replace("LIMIT", str(int(limit)))
+
+
+# Slider range and marks; it follows the newest step unless moved back in time.
+SLIDER_JS = """function(hist, value, oldMax) {
+    const n = (hist || []).length;
+    const last = Math.max(n - 1, 0);
+    const next = (value === null || value === undefined || value >= (oldMax || 0)) ? last : value;
+    const marks = {};
+    for (let i = 0; i < n; i += Math.max(1, Math.floor(n / 6))) { marks[i] = String(hist[i].step); }
+    return [last, next, marks];
+}"""
+# The one entry the slider points at.
+PICK_JS = """function(value, hist) {
+    if (!hist || hist.length === 0) { return null; }
+    return hist[Math.min(value || 0, hist.length - 1)];
+}"""
 
 
 def _merge(
@@ -306,7 +336,7 @@ def register(app: Dash, api: ApiClient) -> None:
         Output("heatmap-graph", "extendData"),
         Output("spectrum-graph", "extendData"),
         Output("spectrum-bars", "figure"),
-        Output("run-hist", "data"),
+        Output("run-hist-new", "data"),
         Output("run-events", "data"),
         Output("run-cursor", "data"),
         Output("run-step", "children"),
@@ -319,7 +349,6 @@ def register(app: Dash, api: ApiClient) -> None:
         State("run-cursor", "data"),
         State("run-id", "data"),
         State("run-max-points", "data"),
-        State("run-hist", "data"),
         State("run-events", "data"),
     )
     async def tick(
@@ -327,7 +356,6 @@ def register(app: Dash, api: ApiClient) -> None:
         cursor: dict[str, str],
         run_id: str,
         max_points: int,
-        hist: list[dict[str, Any]],
         events: list[dict[str, Any]],
     ) -> tuple[Any, ...]:
         cursor = dict(cursor or {})
@@ -373,7 +401,6 @@ def register(app: Dash, api: ApiClient) -> None:
         heat = figures.heatmap_payload(occ["step"], occ["value"])
         traj = figures.spectrum_payload(spec["entries"], K_TRAJ)
         bars = figures.spectrum_bars(spec["entries"][-1]) if spec["entries"] else dash.no_update
-        hist_all = cap_entries((hist or []) + hst["entries"], HIST_POINTS)
         anything = anything or bool(heat or traj or hst["entries"])
         done = meta["status"] in ("finished", "crashed") and not anything
         empties = []
@@ -391,7 +418,7 @@ def register(app: Dash, api: ApiClient) -> None:
             (heat[0], heat[1], HEATMAP_ROWS) if heat else dash.no_update,
             (traj[0], traj[1], max_points) if traj else dash.no_update,
             bars,
-            hist_all if hst["entries"] else dash.no_update,
+            hst["entries"] or dash.no_update,
             all_events if new_events else dash.no_update,
             cursor,
             str(meta["step"]),
@@ -408,7 +435,14 @@ def register(app: Dash, api: ApiClient) -> None:
     def show_events(events: list[dict[str, Any]]) -> Any:
         return _events_view(events or [])
 
-    @app.callback(
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        cap_hist_js(HIST_POINTS),
+        Output("run-hist", "data"),
+        Input("run-hist-new", "data"),
+        State("run-hist", "data"),
+    )
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        SLIDER_JS,
         Output("hist-slider", "max"),
         Output("hist-slider", "value"),
         Output("hist-slider", "marks"),
@@ -416,21 +450,17 @@ def register(app: Dash, api: ApiClient) -> None:
         State("hist-slider", "value"),
         State("hist-slider", "max"),
     )
-    def slider(hist: list[dict[str, Any]], value: int, old_max: int) -> tuple[Any, ...]:
-        n = len(hist or [])
-        last = max(n - 1, 0)
-        # Follow the newest step unless the user moved the slider back in time.
-        new_value = last if value is None or value >= (old_max or 0) else value
-        marks = {i: str(hist[i]["step"]) for i in range(0, n, max(1, n // 6))} if n else {}
-        return last, new_value, marks
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        PICK_JS,
+        Output("run-hist-entry", "data"),
+        Input("hist-slider", "value"),
+        Input("run-hist", "data"),
+    )
 
     @app.callback(
         Output("hist-graph", "figure"),
-        Input("hist-slider", "value"),
-        Input("run-hist", "data"),
+        Input("run-hist-entry", "data"),
         State("run-layers", "data"),
     )
-    def histogram(value: int, hist: list[dict[str, Any]], layers: list[str]) -> Any:
-        if not hist:
-            return figures.histogram_figure(None, layers or [])
-        return figures.histogram_figure(hist[min(value or 0, len(hist) - 1)], layers or [])
+    def histogram(entry: dict[str, Any] | None, layers: list[str]) -> Any:
+        return figures.histogram_figure(entry, layers or [])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import random
 
 from dashboard import figures
-from dashboard.run_page import _merge, cap_entries
+from dashboard.run_page import _merge
 from dashboard.runs_page import runs_table, sort_runs
 
 
@@ -71,13 +71,3 @@ def test_runs_sorting_and_table() -> None:
     assert [r["run_id"] for r in sort_runs(runs, "memorization")] == ["a", "b"]
     assert [r["run_id"] for r in sort_runs(runs, "step")] == ["b", "a"]
     assert runs_table([]).className == "empty"
-
-
-def test_cap_entries_keeps_the_newest_and_spreads_the_rest() -> None:
-    n = random.randrange(201, 2000)
-    entries = [{"step": i} for i in range(n)]
-    capped = cap_entries(entries, 200)
-    steps = [e["step"] for e in capped]
-    assert 100 <= len(capped) <= 200
-    assert steps[-1] == n - 1 and steps[0] == 0 and steps == sorted(steps)
-    assert cap_entries(entries[:50], 200) == entries[:50]

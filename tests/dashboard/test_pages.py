@@ -66,6 +66,12 @@ def test_run_page_panels_fill_and_missing_series_show_empty_states(
         page.wait_for_function(
             "document.querySelector('#hist-graph .js-plotly-plot').data.length > 0"
         )
+        # the slider spans the histograms kept in the browser (hist_every=20 of 120 steps)
+        page.wait_for_function(
+            "document.querySelectorAll('#hist-slider .rc-slider-mark-text, "
+            "#hist-slider .dash-slider-mark').length > 1",
+            timeout=20_000,
+        )
         page.wait_for_selector("#events-table")
         assert "run_finished" in page.inner_text("#events-list")
         # Panels keep their place as data arrives: cumulative layout shift stays below
@@ -83,6 +89,35 @@ def test_run_page_panels_fill_and_missing_series_show_empty_states(
         page.goto(f"{live_server.url}/runs/doesnotexist")
         page.wait_for_selector("text=not found")
         assert errors == []
+
+
+def test_browser_side_histogram_functions() -> None:
+    """The run page keeps its histograms in the browser: append-and-cap, slider and pick."""
+    from dashboard.run_page import PICK_JS, SLIDER_JS, cap_hist_js
+
+    n = random.randrange(201, 2000)
+    entries = [{"step": i} for i in range(n)]
+    with browser_page() as (page, errors):
+        capped = page.evaluate(
+            f"([a, b]) => ({cap_hist_js(200)})(a, b)", [entries[-7:], entries[:-7]]
+        )
+        steps = [e["step"] for e in capped]
+        assert 100 <= len(capped) <= 200
+        assert steps[-1] == n - 1 and steps[0] == 0 and steps == sorted(steps)
+        short = page.evaluate(
+            f"([a, b]) => ({cap_hist_js(200)})(a, b)", [entries[40:50], entries[:40]]
+        )
+        assert short == entries[:50]
+        assert page.evaluate(f"(a) => ({cap_hist_js(200)})(a, null)", entries[:3]) == entries[:3]
+        # follows the newest entry, unless moved back in time
+        last, value, marks = page.evaluate(f"(h) => ({SLIDER_JS})(h, 4, 4)", entries[:12])
+        assert (last, value) == (11, 11) and marks["0"] == "0"
+        assert page.evaluate(f"(h) => ({SLIDER_JS})(h, 2, 4)", entries[:12])[1] == 2
+        assert page.evaluate(f"(h) => ({SLIDER_JS})(h, null, 0)", [])[:2] == [0, 0]
+        assert page.evaluate(f"(h) => ({PICK_JS})(3, h)", entries[:12]) == {"step": 3}
+        assert page.evaluate(f"(h) => ({PICK_JS})(30, h)", entries[:12]) == {"step": 11}
+        assert page.evaluate(f"() => ({PICK_JS})(0, [])") is None
+    assert errors == []
 
 
 def test_runs_compare_and_rules_pages(live_server: LiveServer, redis_url: str) -> None:
