@@ -2,7 +2,8 @@
 
 Two paths:
 
-* **exact** (n_p·R ≤ ``exact_max``): K̃ is built from products and diagonalized; over the
+* **exact** (n_p·R ≤ ``exact_max``, 4,096; beyond PRODUCTS_EXACT_MAX = 512 only when K̃
+  can be built from blocks of per-example Jacobians): K̃ is built and diagonalized; over the
   window since the previous update, with the kernel frozen and the learning rates
   η_1 … η_m of its steps, the residual propagator is A = Π_i (I − η_i K̃), and
       W ← W + Φᵀ ½(I − AᵀA) Φ,   Φ ← A Φ.
@@ -29,6 +30,9 @@ import torch
 from monitor_agent.kernel import ProbeKernel
 from monitor_agent.linalg import lanczos, nystrom_eigs
 
+# Where K̃ can only come from kernel-vector products, the exact path needs n_p·R passes
+# over the probe per update; beyond this many, the sketch (ℓ + Lanczos passes) is used.
+PRODUCTS_EXACT_MAX = 512
 W_CUTOFF = 0.25  # a mode of W_s above ¼ has dissipated more than half its residual
 W_HAT_CUTOFF = 1.0  # Ŵ = Σ h K̃: integrated kernel of one e-folding
 
@@ -70,14 +74,16 @@ class GramianTracker:
         kernel: ProbeKernel,
         k: int,
         *,
-        exact_max: int = 512,
+        exact_max: int = 4096,
         sketch_size: int | None = None,
         seed: int = 0,
     ) -> None:
         self.kernel = kernel
         self.n = kernel.size
         self.k = min(k, self.n)
-        self.exact = self.n <= exact_max
+        self.exact = self.n <= exact_max and (
+            self.n <= PRODUCTS_EXACT_MAX or kernel.blocks_build_explicit()
+        )
         self.dtype = kernel._dtype()
         device = kernel.inputs.device
         gen = torch.Generator().manual_seed(seed)

@@ -120,7 +120,7 @@ class Monitor:
         projections: int | str = 4,
         probe_size: int = 256,
         probe_loss: str | None = None,
-        exact_max: int = 512,
+        exact_max: int = 4096,
         sketch_size: int | None = None,
         spectrum_memory: int | None = None,
         memorization: OnsetSettings | dict[str, Any] | None = None,

@@ -269,6 +269,22 @@ def test_sketch_update_agrees_whether_j_is_held_built_in_blocks_or_absent() -> N
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10, msg=name)
 
 
+def test_exact_path_beyond_the_products_limit_only_when_blocks_build_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from monitor_agent import spectrum
+
+    torch.manual_seed(random.randrange(10**9))
+    model, x, y = MODELS["mlp"]()
+    monkeypatch.setattr(spectrum, "PRODUCTS_EXACT_MAX", 4)
+    roomy = ProbeKernel(model, x, y, projections=2)
+    starved = ProbeKernel(model, x, y, projections=2, memory_limit=1)
+    assert roomy.size > 4
+    assert spectrum.GramianTracker(roomy, 3).exact
+    assert not spectrum.GramianTracker(starved, 3).exact  # products only: sketch
+    assert not spectrum.GramianTracker(roomy, 3, exact_max=roomy.size - 1).exact
+
+
 def test_auto_schedule_keeps_the_amortized_cost_under_budget() -> None:
     from monitor_agent.spectrum import SpectrumSchedule
 
