@@ -143,8 +143,8 @@ class GramianTracker:
     def _update_sketch(self, h: float, precond: dict[str, torch.Tensor] | None) -> SpectrumReport:
         # The sketch and Lanczos need ℓ + up to 3k + 20 products. Unless J is held whole,
         # each product is a pass over the probe; one pass of per-example Jacobians, group
-        # by group, builds K̃ itself (R backward passes), after which every product is a
-        # matmul: on a 1,024-example ResNet probe that is ~20 s an update instead of >7 min.
+        # by group, builds K̃ itself (about R backward passes over the probe), after which
+        # every product is a matmul.
         kmat: torch.Tensor | None = None
         if not self.kernel.holds_jacobian and self.kernel.blocks_build_explicit():
             kmat = self.kernel.explicit(precond)
