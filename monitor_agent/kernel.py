@@ -95,6 +95,7 @@ class ProbeKernel:
             self.r = self.n_out
         self.size = self.n_probe * self.r
         self.memory_limit = memory_limit or default_memory_limit(inputs.device)
+        self.activation_bytes = 0  # what the probe's forward pass saves for backward
         self.column_bytes = self._column_bytes()
         self.chunk = max(1, self.memory_limit // self.column_bytes)
         self._held: dict[str, torch.Tensor] | None = None
@@ -114,6 +115,7 @@ class ProbeKernel:
         with probe_mode(self.model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             self._fz(params)
         param_bytes = sum(p.numel() * p.element_size() for p in params.values())
+        self.activation_bytes = saved
         return max(1, 2 * param_bytes + 2 * saved)
 
     @property
@@ -211,12 +213,22 @@ class ProbeKernel:
         else:
             blocks = [self._held] if self._held is not None else map(self._jacobian, groups or [])
             k = torch.zeros(self.size, self.size, dtype=self._dtype(), device=self.inputs.device)
+            itemsize = k.element_size()
             for block in blocks:
                 for name, jac in block.items():
-                    scaled = jac if precond is None else jac * precond[name].reshape(1, -1)
-                    k += scaled @ jac.T
+                    if precond is None:
+                        k.addmm_(jac, jac.T)
+                        continue
+                    # J M Jᵀ a band of rows at a time: a scaled copy of the whole block
+                    # would double the memory the block takes.
+                    m = precond[name].reshape(1, -1)
+                    rows = max(1, (self.memory_limit // 16) // (jac.shape[1] * itemsize))
+                    for lo in range(0, self.size, rows):
+                        k[lo : lo + rows].addmm_(jac[lo : lo + rows] * m, jac.T)
             k /= self.n_probe
-        return (k + k.T) / 2
+            k += k.T.clone()
+            k /= 2
+        return k
 
     @property
     def holds_jacobian(self) -> bool:
@@ -249,8 +261,12 @@ class ProbeKernel:
         """Parameter names grouped so that each group's block of J (n_p·R × its size,
         plus one chunk of per-example Jacobians) fits ``memory_limit``; None if one
         parameter alone does not."""
-        per_coord = self.size * torch.empty((), dtype=self._dtype()).element_size()
-        budget = (3 * self.memory_limit // 4) // per_coord  # coordinates per group
+        itemsize = torch.empty((), dtype=self._dtype()).element_size()
+        per_coord = self.size * itemsize
+        # Three quarters of the limit for the block and K̃ (built beside it); the last
+        # quarter for the per-example Jacobians being computed.
+        room = 3 * self.memory_limit // 4 - self.size * self.size * itemsize
+        budget = max(room, 0) // per_coord  # coordinates per group
         groups: list[list[str]] = []
         used = budget
         for name, p in self._params().items():
@@ -278,8 +294,10 @@ class ProbeKernel:
         per_example = vmap(jacrev(outputs), in_dims=(None, 0, 0))
         coords = sum(p.numel() for p in wanted.values())
         itemsize = torch.empty((), dtype=self._dtype()).element_size()
-        # A chunk's Jacobians (and jacrev's working copy) within a quarter of the limit.
-        chunk = max(1, self.memory_limit // (8 * self.r * coords * itemsize))
+        # A chunk of examples within a quarter of the limit: per example, R rows of J
+        # and jacrev's working copy of them, and R backward passes' worth of activations.
+        example_bytes = 2 * self.r * (coords * itemsize + self.activation_bytes // self.n_probe)
+        chunk = max(1, (self.memory_limit // 4) // example_bytes)
         device = self.inputs.device
         out = {
             n: torch.empty(self.size, p.numel(), dtype=self._dtype(), device=device)
