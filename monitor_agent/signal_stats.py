@@ -119,12 +119,14 @@ def layer_statistics(
         )
 
     snr = g2 / (batch_size * s + _TINY)
-    gsnr_layers = torch.stack([_median_of(snr[lo:hi]) for lo, hi in bounds])
-    per_layer = assemble(per_layer_sums, counts, gsnr_layers)
-    overall = assemble(
-        total_sums.unsqueeze(1), counts.sum().unsqueeze(0), _median_of(snr).unsqueeze(0)
+    gsnr = torch.stack([_median_of(snr[lo:hi]) for lo, hi in bounds] + [_median_of(snr)])
+    # Layers and the overall column in one pass: each field is one kernel, not two.
+    both = assemble(
+        torch.cat([per_layer_sums, total_sums.unsqueeze(1)], dim=1),
+        torch.cat([counts, counts.sum().unsqueeze(0)]),
+        gsnr,
     )
-    return per_layer, overall.squeeze(1)
+    return both[:, :-1], both[:, -1]
 
 
 MEDIAN_MAX = 4096
