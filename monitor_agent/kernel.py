@@ -96,6 +96,7 @@ class ProbeKernel:
         self.size = self.n_probe * self.r
         self.memory_limit = memory_limit or default_memory_limit(inputs.device)
         self.activation_bytes = 0  # what the probe's forward pass saves for backward
+        self.example_chunk = self.n_probe  # probe examples per product pass
         self.column_bytes = self._column_bytes()
         self.chunk = max(1, self.memory_limit // self.column_bytes)
         self._held: dict[str, torch.Tensor] | None = None
@@ -103,7 +104,9 @@ class ProbeKernel:
     def _column_bytes(self) -> int:
         """Memory one vmapped kernel-vector product adds, estimated from one forward pass:
         a parameter-sized cotangent and its preconditioned copy, plus a tangent and a
-        cotangent for every activation the probe's forward pass saves."""
+        cotangent for every activation a pass over ``example_chunk`` probe examples saves.
+        The chunk of examples is what keeps twice its activations within a quarter of
+        ``memory_limit``: a large probe through a large model is never held at once."""
         saved = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -116,7 +119,9 @@ class ProbeKernel:
             self._fz(params)
         param_bytes = sum(p.numel() * p.element_size() for p in params.values())
         self.activation_bytes = saved
-        return max(1, 2 * param_bytes + 2 * saved)
+        fits = (self.memory_limit // 4) * self.n_probe // max(2 * saved, 1)
+        self.example_chunk = int(min(self.n_probe, max(1, fits)))
+        return max(1, 2 * param_bytes + 2 * saved * self.example_chunk // self.n_probe)
 
     @property
     def approximate(self) -> bool:
@@ -179,22 +184,55 @@ class ProbeKernel:
                     u = u * precond[name].reshape(-1, 1)
                 out += jac @ u
             return out / self.n_probe
-        params = self._params()
+        out = torch.empty(self.size, vs.shape[1], dtype=vs.dtype, device=vs.device)
         with probe_mode(self.model):
-            _, pull = vjp(self._fz, params)[:2]
+            for lo in range(0, vs.shape[1], self.chunk):
+                block = vs[:, lo : lo + self.chunk]
+                out[:, lo : lo + block.shape[1]] = self._products(block, precond)
+        return out
 
-            def one(v: torch.Tensor) -> torch.Tensor:
-                (u,) = pull(v)
-                if precond is not None:
-                    u = {n: u[n] * precond[n] for n in u}
-                out = jvp(self._fz, (params,), (u,))[1]
-                result: torch.Tensor = out / self.n_probe
-                return result
+    def _span_outputs(self, lo: int, hi: int) -> Any:
+        """The projected outputs of probe examples lo…hi as a function of the parameters."""
+        buffers = self._buffers()
 
-            batched = vmap(one, in_dims=1, out_dims=1)
-            starts = range(0, vs.shape[1], self.chunk)
-            cols = [batched(vs[:, lo : lo + self.chunk]) for lo in starts]
-        return torch.cat(cols, dim=1)
+        def outputs(ps: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = functional_call(self.model, (ps, buffers), (self.inputs[lo:hi],))
+            return self._project(out, self.targets[lo:hi], hi - lo)
+
+        return outputs
+
+    def _products(self, vs: torch.Tensor, precond: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """K̃ V for a chunk of columns, in two passes over chunks of probe examples (rows of
+        J depend on one example each, eval mode): U = Σ_chunks J_cᵀ V_c by vmapped VJPs,
+        then each chunk's rows J_c M U by vmapped JVPs."""
+        params = self._params()
+        r, step = self.r, self.example_chunk
+        spans = [(lo, min(lo + step, self.n_probe)) for lo in range(0, self.n_probe, step)]
+        u: dict[str, torch.Tensor] | None = None
+        for lo, hi in spans:
+            part = self._pull(self._span_outputs(lo, hi), params, vs[lo * r : hi * r])
+            u = part if u is None else {n: u[n] + part[n] for n in u}
+        assert u is not None
+        if precond is not None:
+            u = {n: u[n] * precond[n] for n in u}
+        out = torch.empty_like(vs)
+        for lo, hi in spans:
+            rows = self._push(self._span_outputs(lo, hi), params, u)
+            out[lo * r : hi * r] = rows / self.n_probe
+        return out
+
+    @staticmethod
+    def _pull(f: Any, params: dict[str, torch.Tensor], vs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Jᵀ v for every column v of vs (vmapped VJPs), stacked along a first axis."""
+        pull = vjp(f, params)[1]
+        cols: dict[str, torch.Tensor] = vmap(lambda v: pull(v)[0], in_dims=1)(vs)
+        return cols
+
+    @staticmethod
+    def _push(f: Any, params: dict[str, torch.Tensor], u: dict[str, torch.Tensor]) -> torch.Tensor:
+        """J t for every tangent t stacked in u (vmapped JVPs), as columns."""
+        rows: torch.Tensor = vmap(lambda t: jvp(f, (params,), (t,))[1], in_dims=0, out_dims=1)(u)
+        return rows
 
     def explicit(self, precond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The full K̃ (n_p·R square).

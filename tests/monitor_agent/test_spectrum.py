@@ -328,12 +328,20 @@ def test_kernel_products_are_chunked_to_the_memory_limit() -> None:
     torch.manual_seed(random.randrange(10**9))
     model, x, y = MODELS["mlp"]()
     roomy = ProbeKernel(model, x, y, projections=2)
-    tight = ProbeKernel(model, x, y, projections=2, memory_limit=3 * roomy.column_bytes)
     n_params = sum(p.numel() for p in model.parameters())
     assert roomy.column_bytes > 2 * n_params * 8  # float64 models
-    assert tight.chunk == 3 and roomy.chunk >= roomy.size
+    assert roomy.chunk >= roomy.size and roomy.example_chunk == roomy.n_probe
+    # A limit that holds a third of the probe's activations: products run over chunks
+    # of examples and of columns, and give the same K̃V.
+    tight = ProbeKernel(model, x, y, projections=2, memory_limit=roomy.activation_bytes * 2 // 3)
+    assert 1 <= tight.example_chunk < tight.n_probe // 2
+    assert tight.chunk < 10
     v = torch.randn(roomy.size, 10, dtype=torch.float64)
     torch.testing.assert_close(tight.matmat(v), roomy.matmat(v), rtol=1e-12, atol=1e-12)
+    precond = {n: torch.rand_like(p) + 0.1 for n, p in model.named_parameters()}
+    torch.testing.assert_close(
+        tight.matmat(v, precond), roomy.matmat(v, precond), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", list(MODELS))
