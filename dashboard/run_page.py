@@ -23,6 +23,8 @@ HIST_POINTS = 200
 # Steps kept in the layer × step heatmap: more rows than a panel has pixels only cost
 # transfer and drawing time.
 HEATMAP_ROWS = 400
+# Events listed on the page (newest first); onset and alert markers stay on the charts.
+EVENTS_SHOWN = 200
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ def _events_view(events: list[dict[str, Any]]) -> Any:
                 html.Td(e["message"]),
             ]
         )
-        for e in reversed(events[-200:])
+        for e in reversed(events[-EVENTS_SHOWN:])
     ]
     return html.Table(
         [
@@ -388,7 +390,8 @@ def register(app: Dash, api: ApiClient) -> None:
             if body.get("cursor"):
                 cursor[key] = body["cursor"]
         new_events = ev["events"]
-        all_events = (events or []) + new_events
+        # The store goes back to the server with every tick: keep what the list shows.
+        all_events = ((events or []) + new_events)[-EVENTS_SHOWN:]
         updates = []
         anything = bool(new_events)
         for p in PANELS:
@@ -460,7 +463,7 @@ def register(app: Dash, api: ApiClient) -> None:
     @app.callback(
         Output("hist-graph", "figure"),
         Input("run-hist-entry", "data"),
-        State("run-layers", "data"),
+        Input("run-layers", "data"),
     )
     def histogram(entry: dict[str, Any] | None, layers: list[str]) -> Any:
         return figures.histogram_figure(entry, layers or [])
