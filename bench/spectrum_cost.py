@@ -87,7 +87,6 @@ def measure(w: Workload, probe: int, device: torch.device, repeats: int) -> dict
         "update_s": cost,
         "step_equivalents": cost / step_s,
         "amortized": cost / (cost + EVERY * step_s),
-        "auto_every": float(_auto_every(cost, step_s)),
         "rss_mb": _rss_mb() - rss0,
     }
     run.finish()
@@ -124,6 +123,12 @@ def main() -> None:
     parser.add_argument("--only", default="MLP 784-1024,ResNet,transformer")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument(
+        "--render",
+        action="store_true",
+        help="rewrite the table from the measured rows saved beside it (no measuring): "
+        "the derived columns follow the current auto schedule",
+    )
+    parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "spectrum_cost.md")
     )
     args = parser.parse_args()
@@ -131,8 +136,13 @@ def main() -> None:
     if args.child:
         _child(args.child[0], int(args.child[1]), args.device, args.repeats)
         return
+    raw_path = Path(args.out).with_suffix(".json")
+    if args.render:
+        saved = json.loads(raw_path.read_text())
+        write_table(args.out, saved["command"], saved["header"], saved["rows"])
+        return
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
-    rows = []
+    rows: list[tuple[str, int, dict[str, Any]]] = []
     for w in WORKLOADS:
         if not any(s in w.name for s in wanted):
             continue
@@ -148,18 +158,29 @@ def main() -> None:
                 res = {"error": f"stopped after {args.row_timeout:.0f} s"}
             rows.append((w.name, probe, res))
             print(w.name, probe, res, flush=True)
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    header = (
+        f"Device: {args.device}, torch threads: {args.threads}, torch {torch.__version__}; Adam; "
+        f"k = 16, R = 4 output projections; median of {args.repeats} updates; each row in a "
+        "fresh process."
+    )
+    raw_path.parent.mkdir(parents=True, exist_ok=True)
+    raw_path.write_text(json.dumps({"command": command, "header": header, "rows": rows}, indent=1))
+    write_table(args.out, command, header, rows)
+
+
+def write_table(out: str, command: str, header: str, rows: list[Any]) -> None:
+    """The results table from measured rows; 'auto every' and 'auto' are derived here."""
     lines = [
         "# Spectrum cost",
         "",
-        f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
-        f"Device: {args.device}, torch threads: {args.threads}, torch {torch.__version__}; Adam; "
-        f"k = 16, R = 4 output projections; median of {args.repeats} updates; each row in a "
-        "fresh process.",
+        f"Command: `{command}` (measured rows in spectrum_cost.json)  ",
+        header,
         "",
         "'step eq.' is one update's time over one training step's; 'at 500' is the share of "
         f"training time at one update every {EVERY} steps; 'auto every' is the interval the "
         'default `spectrum_every="auto"` settles on for this cost (3 % budget, at most '
-        "100,000), and 'auto' the share it then costs; 'RSS +MB' is the growth of the "
+        "1,000,000), and 'auto' the share it then costs; 'RSS +MB' is the growth of the "
         "process's peak resident memory from setting up the monitor to the end of the "
         "updates (the per-example Jacobian blocks and product chunks are capped by "
         "`spectrum_memory`, 1 GiB by default).",
@@ -172,16 +193,17 @@ def main() -> None:
             error = " ".join(str(r["error"]).split()).replace("|", "/")
             lines.append(f"| {name} | {probe} | not measured: {error} |" + " |" * 7)
             continue
-        auto = r["update_s"] / (r["update_s"] + r["auto_every"] * r["step_ms"] / 1e3)
+        every = _auto_every(r["update_s"], r["step_ms"] / 1e3)
+        auto = r["update_s"] / (r["update_s"] + every * r["step_ms"] / 1e3)
         lines.append(
             f"| {name} | {probe} | {r['path']} ({int(r['size'])}) | {r['step_ms']:.1f} "
             f"| {r['update_s']:.3f} | {r['step_equivalents']:.1f} "
-            f"| {100 * r['amortized']:.2f} % | {int(r['auto_every']):,} | {100 * auto:.2f} % "
+            f"| {100 * r['amortized']:.2f} % | {every:,} | {100 * auto:.2f} % "
             f"| {r['rss_mb']:.0f} |"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,10 @@ from monitor_agent.linalg import lanczos, nystrom_eigs
 # Where K̃ can only come from kernel-vector products, the exact path needs n_p·R passes
 # over the probe per update; beyond this many, the sketch (ℓ + Lanczos passes) is used.
 PRODUCTS_EXACT_MAX = 512
+# The auto schedule's longest interval: a safety net against a mismeasured step time, far
+# enough out that the budget decides (a 21-minute update of a 256-sequence transformer probe
+# on two CPU threads needs about 140,000 steps between updates for 3 %).
+MAX_AUTO_EVERY = 1_000_000
 W_CUTOFF = 0.25  # a mode of W_s above ¼ has dissipated more than half its residual
 W_HAT_CUTOFF = 1.0  # Ŵ = Σ h K̃: integrated kernel of one e-folding
 
@@ -228,6 +232,7 @@ class SpectrumSchedule:
         amortized = cost_s / wall
         if self.auto:
             step_s = max((wall - cost_s) / steps, 1e-9)
-            self.every = int(min(100_000, max(10, math.ceil(cost_s / (self.budget * step_s)))))
+            need = math.ceil(cost_s / (self.budget * step_s))
+            self.every = int(min(MAX_AUTO_EVERY, max(10, need)))
         self.last_step, self.last_time = step, now
         return amortized
