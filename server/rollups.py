@@ -36,6 +36,10 @@ WIDTHS = (10, 100, 1_000, 10_000, 100_000)
 GROUP = "cs-rollup"
 SEP = "\x1f"
 RETENTION_EVERY_S = 60.0
+# A replica folds a run only while it holds the run's lease: buckets are merged by
+# read-modify-write, and two replicas folding different entries of one run into the same
+# bucket lost one side's update. A crashed holder's lease lapses after this long.
+LEASE_MS = 10_000
 
 
 def rollup_key(store: Store, run_id: str, level: int) -> str:
@@ -127,6 +131,8 @@ class RollupWriter:
         client, keys = self.store.client, self.store.keys
         total = 0
         for run_id in await self.store.active_runs():
+            if not await self._lease(run_id):
+                continue
             key = keys.stream(run_id, "scalars")
             await self._group(key)
             claimed: Any = await client.xautoclaim(
@@ -149,6 +155,18 @@ class RollupWriter:
             total += len(entries)
         self.folded += total
         return total
+
+    async def _lease(self, run_id: str) -> bool:
+        """Take or renew this replica's lease on folding a run; False when another holds it."""
+        client = self.store.client
+        lease = self.store.keys.run_state(run_id, "rollup:lease")
+        if await client.set(lease, self.consumer, nx=True, px=LEASE_MS):
+            return True
+        holder = await client.get(lease)
+        if holder in (self.consumer, self.consumer.encode()):
+            await client.pexpire(lease, LEASE_MS)
+            return True
+        return False
 
     async def _write(
         self, run_id: str, records: list[tuple[str, dict[str, Any]]], last_id: Any

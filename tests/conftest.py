@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,13 +92,18 @@ class LiveServer:
         raise RuntimeError("test server did not start")
 
     def stop(self) -> None:
+        # The server's own bound: 3 s of graceful shutdown, then up to 10 s for each of its
+        # three background loops (server/app.py); a loaded machine may need all of it.
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(20)
         if self.thread.is_alive():
             self.server.force_exit = True
-            self.thread.join(15)
+            self.thread.join(20)
         # A server still running would keep consuming the next test's streams.
-        assert not self.thread.is_alive(), "test server did not stop"
+        if self.thread.is_alive():
+            frame = sys._current_frames().get(self.thread.ident or -1)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+            raise AssertionError(f"test server did not stop; its thread is at:\n{where}")
 
 
 @pytest.fixture
