@@ -145,3 +145,28 @@ def test_log_accepts_any_integer_step_and_rejects_the_rest() -> None:
         with pytest.raises(ValueError, match="non-negative integer"):
             run.log({"a": 1.0}, step=bad)  # type: ignore[arg-type]
     run.finish()
+
+
+def test_records_of_a_busy_moment_go_out_in_one_delivery(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """The sender waits briefly for more records, so a run emitting every step pays one
+    delivery (touch ops, a pipeline round trip) per batch, not per record."""
+    from monitor_agent.sender import Sender
+
+    deliveries = []
+
+    def touch(with_records: bool) -> list[tuple[str, str, object]]:
+        if with_records:
+            deliveries.append(time.monotonic())
+        return []
+
+    sender = Sender(lambda: redis_url, tmp_path / "s.spool", on_batch=touch, linger_s=1.0)
+    key = "cs:test:linger"
+    for i in range(10):  # one record every 5 ms, as a fast training loop emits them
+        sender.submit([("xadd", key, (f"{i + 1}-0", {b"d": b"x"}, 1000))])
+        time.sleep(0.005)
+    assert sender.flush(5.0)
+    sender.close()
+    assert len(deliveries) == 1
+    assert redis_client.xlen(key) == 10
