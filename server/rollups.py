@@ -161,6 +161,11 @@ class RollupWriter:
         client = self.store.client
         lease = self.store.keys.run_state(run_id, "rollup:lease")
         if await client.set(lease, self.consumer, nx=True, px=LEASE_MS):
+            # Checked after taking it: a run deleted meanwhile keeps no lease behind (the
+            # deletion's sweep either sees the lease or ran before this check).
+            if not await client.exists(self.store.keys.meta(run_id)):
+                await client.delete(lease)
+                return False
             return True
         holder = await client.get(lease)
         if holder in (self.consumer, self.consumer.encode()):
