@@ -119,8 +119,8 @@ class Keys:
 
     def run_state(self, run_id: str, part: str) -> str:
         """A key the server keeps about a run (server-owned): ``ingest`` cursors,
-        ``latest`` values, the occupancy ``spark`` line, ``rollup:state``, ``alertstate``
-        (``*`` to match them all)."""
+        ``latest`` values, the occupancy ``spark`` line, ``rollup:state``, ``rollup:lease``,
+        ``alertstate`` (``*`` to match them all)."""
         return f"{self.prefix}run:{{{run_id}}}:{part}"
 
     def run_id_of(self, key: str) -> str | None:

@@ -160,17 +160,13 @@ class RollupWriter:
         """Take or renew this replica's lease on folding a run; False when another holds it."""
         client = self.store.client
         lease = self.store.keys.run_state(run_id, "rollup:lease")
-        if await client.set(lease, self.consumer, nx=True, px=LEASE_MS):
-            # Checked after taking it: a run deleted meanwhile keeps no lease behind (the
-            # deletion's sweep either sees the lease or ran before this check).
-            if not await client.exists(self.store.keys.meta(run_id)):
-                await client.delete(lease)
-                return False
-            return True
         holder = await client.get(lease)
         if holder in (self.consumer, self.consumer.encode()):
             await client.pexpire(lease, LEASE_MS)
             return True
+        if holder is None and await client.set(lease, self.consumer, nx=True, px=LEASE_MS):
+            # The lease is a server-owned key too: a run deleted meanwhile keeps none.
+            return await self.store.after_server_write(run_id)
         return False
 
     async def _write(

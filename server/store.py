@@ -222,12 +222,14 @@ class Store:
         await pipe.execute()
         await self._delete_run_state(run_id)
 
-    async def after_server_write(self, run_id: str) -> None:
+    async def after_server_write(self, run_id: str) -> bool:
         """Call after writing server-owned keys of a run: if the run was deleted meanwhile
-        (its meta is gone), remove what the write recreated. A background reader that was
-        mid-batch when a run was deleted would otherwise leave keys behind."""
+        (its meta is gone), remove what the write recreated, and return False. A background
+        reader that was mid-batch when a run was deleted would otherwise leave keys behind."""
         if not await self.client.exists(self.keys.meta(run_id)):
             await self._delete_run_state(run_id)
+            return False
+        return True
 
     async def _delete_run_state(self, run_id: str) -> None:
         names = [

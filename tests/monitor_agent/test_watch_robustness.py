@@ -21,6 +21,15 @@ def _scalars(client: redis.Redis, run: cs.Run) -> list[dict[str, float]]:
     ]
 
 
+def _tanh_mlp(
+    width: int, n: int
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    """A width-wide tanh MLP with 4 classes, its SGD optimizer and n random examples."""
+    model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    return model, opt, torch.randn(n, width), torch.randint(0, 4, (n,))
+
+
 def _train(
     model: nn.Module, opt: torch.optim.Optimizer, steps: int, x: torch.Tensor, y: torch.Tensor
 ) -> None:
@@ -61,9 +70,7 @@ def test_coordinate_sample_is_fixed_spread_and_reports_its_stderr(
 def test_budget_thins_the_schedule_and_overhead_is_reported(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
-    model = nn.Sequential(nn.Linear(50, 50), nn.Tanh(), nn.Linear(50, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(256, 50), torch.randint(0, 4, (256,))
+    model, opt, x, y = _tanh_mlp(50, 256)
     with cs.init("t", "budget", redis_url=redis_url) as run:
         # an impossible budget: the agent must thin to its sparsest schedule
         mon = run.watch(model, opt, batch_size=32, dataset_size=256, emit_every=8, budget=1e-9)
@@ -142,8 +149,7 @@ def test_sparse_embedding_frozen_layers_and_missing_gradients() -> None:
 
 
 def test_budget_cuts_work_by_the_measured_excess_in_one_emission() -> None:
-    model = nn.Sequential(nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model, opt, _x, _y = _tanh_mlp(20, 1)
     run = cs.init("t", "adapt", mode="disabled")
     mon = run.watch(model, opt, batch_size=32, dataset_size=256, emit_every=10, budget=0.03)
     mon._adapt(0.11)  # 0.11 / (0.75 · 0.03) ≈ 4.9 → 8× less streaming work at once
@@ -156,9 +162,7 @@ def test_budget_cuts_work_by_the_measured_excess_in_one_emission() -> None:
 
 
 def test_per_example_hooks_exist_only_on_captured_steps() -> None:
-    model = nn.Sequential(nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    model, opt, x, y = _tanh_mlp(20, 64)
     run = cs.init("t", "hooks", mode="disabled")
     mon = run.watch(
         model, opt, batch_size=32, dataset_size=64, noise="per_example",
@@ -177,9 +181,7 @@ def test_per_example_hooks_exist_only_on_captured_steps() -> None:
 def test_slower_schedules_run_on_the_first_emission_of_each_interval(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
-    model = nn.Sequential(nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    model, opt, x, y = _tanh_mlp(20, 64)
     with cs.init("t", "schedules", redis_url=redis_url) as run:
         # emissions every 30 steps never fall on a multiple of 100 but at 0 and 300
         run.watch(
