@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import monitor_agent as cs
 from bench.peers import PEERS, Unsupported, describe, plain_step
+from bench.process_memory import peak_resident_bytes
 from bench.workloads import WORKLOADS, Workload
 from server.embedded_redis import EmbeddedRedis
 
@@ -152,13 +153,7 @@ def peak_memory_child(workload: str, config: str, device: str, redis_url: str) -
     for _ in range(30):
         step()
     _sync(dev)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev)
-    else:
-        # VmHWM, the high-water mark of this process image: ru_maxrss would carry over the
-        # parent's peak from before the exec (Linux keeps it across fork and exec).
-        status = Path("/proc/self/status").read_text()
-        peak = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) * 1024
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_resident_bytes()
     if run is not None:
         run.finish()
     print(f"PEAK {peak}")

@@ -23,17 +23,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import monitor_agent as cs
+from bench.process_memory import peak_resident_bytes
 from bench.workloads import WORKLOADS, Workload
 from monitor_agent.spectrum import SpectrumSchedule
 
 EVERY = 500
-
-
-def _rss_mb() -> float:
-    """This process image's resident high-water mark, MiB (VmHWM: ru_maxrss would carry
-    the parent's peak over the exec)."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 1024
 
 
 def _auto_every(cost_s: float, step_s: float) -> int:
@@ -56,7 +50,7 @@ def measure(w: Workload, probe: int, device: torch.device, repeats: int) -> dict
     # Regression targets of the output's shape: the cost does not depend on the loss.
     py = torch.randn(probe, out.numel(), device=device)
     run = cs.init("bench", f"spectrum {w.name} {probe}", mode="disabled")
-    rss0 = _rss_mb()
+    rss0 = peak_resident_bytes() / 2**20
     mon = run.watch(
         model, opt, batch_size=w.batch_size, dataset_size=50_000,
         probe=(px, py), probe_size=probe, spectrum_every=10**9, k=16, probe_loss="mse",
@@ -87,7 +81,7 @@ def measure(w: Workload, probe: int, device: torch.device, repeats: int) -> dict
         "update_s": cost,
         "step_equivalents": cost / step_s,
         "amortized": cost / (cost + EVERY * step_s),
-        "rss_mb": _rss_mb() - rss0,
+        "rss_mb": peak_resident_bytes() / 2**20 - rss0,
     }
     run.finish()
     return result
