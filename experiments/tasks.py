@@ -43,9 +43,12 @@ def mlp(d_in: int, n_out: int, width: int = 256) -> nn.Module:
     )
 
 
-def digits_label_noise(noise: float, seed: int, n_train: int = 1000, batch_size: int = 64) -> Task:
+def digits_label_noise(
+    noise: float, seed: int, n_train: int = 1000, batch_size: int = 64, lr: float = 3e-4
+) -> Task:
     """scikit-learn digits, standardized; a fraction ``noise`` of training labels replaced
-    by a different class drawn uniformly; held-out labels are clean."""
+    by a different class drawn uniformly; held-out labels are clean. ``lr`` sets Adam's
+    step and with it the run's time scale."""
     gen = torch.Generator().manual_seed(seed)
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
@@ -65,13 +68,14 @@ def digits_label_noise(noise: float, seed: int, n_train: int = 1000, batch_size:
     model = mlp(64, 10)
     # A small learning rate stretches the dynamics: the held-out minimum falls well
     # after the agent's warm-up.
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)
         return tx[idx], ty[idx]
 
-    return Task(f"digits noise={noise:.0%} seed={seed}", model, opt, batch, tx, ty, vx, vy,
+    name = f"digits noise={noise:.0%} seed={seed}" + (f" lr={lr:g}" if lr != 3e-4 else "")
+    return Task(name, model, opt, batch, tx, ty, vx, vy,
                 batch_size, n_train, flip)  # fmt: skip
 
 
