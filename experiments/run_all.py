@@ -380,11 +380,7 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         for r, a in timescale:
             verdict = "—" if not r.clear_minimum() else ("yes" if hit(a, minima[id(r)]) else "no")
             lines.append(f"| {r.name} | {minima[id(r)]} | {_fmt(a)} | {verdict} |")
-    controls_all = [
-        r
-        for r, _, _, _ in per_run
-        if r.kind == "fresh" or (r.kind.startswith("digits") and r.noise == 0)
-    ]
+    controls_all = [r for r, _ in controls]
     silent = sum(alarm[id(r)] is None for r in controls_all)
     corrs = [c for _, _, _, c in per_run if c is not None]
     h_rate = a_all / len(all_noisy) if all_noisy else None
