@@ -43,8 +43,12 @@ def mlp(d_in: int, n_out: int, width: int = 256) -> nn.Module:
     )
 
 
+# Adam's step on the label-noise runs; the time-scale runs change it.
+DIGITS_LR = 3e-4
+
+
 def digits_label_noise(
-    noise: float, seed: int, n_train: int = 1000, batch_size: int = 64, lr: float = 3e-4
+    noise: float, seed: int, n_train: int = 1000, batch_size: int = 64, lr: float = DIGITS_LR
 ) -> Task:
     """scikit-learn digits, standardized; a fraction ``noise`` of training labels replaced
     by a different class drawn uniformly; held-out labels are clean. ``lr`` sets Adam's
@@ -74,7 +78,7 @@ def digits_label_noise(
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)
         return tx[idx], ty[idx]
 
-    name = f"digits noise={noise:.0%} seed={seed}" + (f" lr={lr:g}" if lr != 3e-4 else "")
+    name = f"digits noise={noise:.0%} seed={seed}" + (f" lr={lr:g}" if lr != DIGITS_LR else "")
     return Task(name, model, opt, batch, tx, ty, vx, vy,
                 batch_size, n_train, flip)  # fmt: skip
 
