@@ -54,6 +54,14 @@ QUICK = Plan([0.0, 0.2], [0], 1200, [0], 0, [], [], [])
 # Seeds never looked at while choosing the definition: a check of the chosen default.
 # 3–4 were run after the reference was chosen on 0–2; 5–7 after θ_on was fixed as well.
 VALIDATION_SEEDS = [3, 4, 5, 6, 7]
+# The label-noise runs by how they bear on the default: report label -> RunRecord.kind.
+GROUPS = {
+    "seeds 0–2 (the default was chosen on these)": "digits",
+    "validation seeds 3–7 (3–4 run after the reference was chosen, 5–7 after θ_on was "
+    "fixed too)": "digits-validation",
+    "time scale: Adam lr 10⁻⁴ and 6·10⁻⁴ instead of 3·10⁻⁴, noise 20 % and 40 %, "
+    "seeds 0–2": "digits-timescale",
+}
 
 
 def _onset(
@@ -281,14 +289,14 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         "| indicator | seeds 0–2 | all label-noise runs | clean + fresh runs: no alarm |",
         "|---|---|---|---|",
     ]
-    noisy = [
-        (r, o) for r, o, _, _ in per_run if r.kind == "digits" and r.noise > 0 and r.clear_minimum()
-    ]
-    noisy_all = [
-        (r, o)
-        for r, o, _, _ in per_run
-        if r.kind.startswith("digits") and r.noise > 0 and r.clear_minimum()
-    ]
+    onsets_of = {id(r): o for r, o, _, _ in per_run}
+    by_group = {
+        label: [r for r, _, _, _ in per_run if r.kind == kind and r.noise > 0 and r.clear_minimum()]
+        for label, kind in GROUPS.items()
+    }
+    chosen_on = by_group[next(iter(GROUPS))]
+    noisy_all = [r for runs in by_group.values() for r in runs]
+    noisy = [(r, onsets_of[id(r)]) for r in chosen_on]
     controls = [
         (r, o)
         for r, o, _, _ in per_run
@@ -302,10 +310,10 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
     for cand in (*TAIL_VARIANTS, "tail", "gradient", "EB criterion", "mean GSNR", "loss plateau"):
         lines.append(
             f"| {cand} | {share([hit(o[cand][0], r.test_min_step()) for r, o in noisy])} "
-            f"| {share([hit(o[cand][0], r.test_min_step()) for r, o in noisy_all])} "
+            f"| {share([hit(onsets_of[id(r)][cand][0], r.test_min_step()) for r in noisy_all])} "
             f"| {share([o[cand][0] is None for _, o in controls])} |"
         )
-    early = [r.name for r, _ in noisy_all if r.test_min_step() < DEFAULTS.warmup_steps]
+    early = [r.name for r in noisy_all if r.test_min_step() < DEFAULTS.warmup_steps]
     lines += [
         "",
         f"{len(early)} of these {len(noisy_all)} label-noise runs have their held-out minimum before the "
@@ -333,20 +341,8 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         "became the default; seeds 3–4 are again the check, and seeds 5–7 and the time-scale "
         "runs below were added only after that, with the default unchanged.",
     ]
-    groups = {
-        "seeds 0–2 (the default was chosen on these)": "digits",
-        "validation seeds 3–7 (3–4 run after the reference was chosen, 5–7 after θ_on was "
-        "fixed too)": "digits-validation",
-        "time scale: Adam lr 10⁻⁴ and 6·10⁻⁴ instead of 3·10⁻⁴, noise 20 % and 40 %, "
-        "seeds 0–2": "digits-timescale",
-    }
-    minima = {id(r): r.test_min_step() for r, _, _, _ in per_run}
     alarm = {id(r): a for r, _, a, _ in per_run}
-    by_group = {
-        label: [r for r, _, _, _ in per_run if r.kind == kind and r.noise > 0 and r.clear_minimum()]
-        for label, kind in groups.items()
-    }
-    constant = best_constant_step(by_group[next(iter(groups))])
+    constant = best_constant_step(chosen_on)
     lines += [
         "",
         "### Does the alarm follow the run, or would a fixed step do?",
@@ -359,17 +355,12 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         f"| fixed step {_fmt(constant)} within ×1.5 |",
         "|---|---|---|---|",
     ]
-    all_noisy: list[RunRecord] = []
-    for label, runs in by_group.items():
-        if not runs:
-            continue
-        all_noisy += runs
-        a_hits = sum(hit(alarm[id(r)], minima[id(r)]) for r in runs)
-        c_hits = sum(hit(constant, minima[id(r)]) for r in runs)
-        lines.append(f"| {label} | {len(runs)} | {a_hits} | {c_hits} |")
-    a_all = sum(hit(alarm[id(r)], minima[id(r)]) for r in all_noisy)
-    c_all = sum(hit(constant, minima[id(r)]) for r in all_noisy)
-    lines.append(f"| all | {len(all_noisy)} | {a_all} | {c_all} |")
+    a_all = sum(hit(alarm[id(r)], r.test_min_step()) for r in noisy_all)
+    for label, runs in [*by_group.items(), ("all", noisy_all)]:
+        if runs:
+            a_hits = sum(hit(alarm[id(r)], r.test_min_step()) for r in runs)
+            c_hits = sum(hit(constant, r.test_min_step()) for r in runs)
+            lines.append(f"| {label} | {len(runs)} | {a_hits} | {c_hits} |")
     timescale = [(r, alarm[id(r)]) for r, _, _, _ in per_run if r.kind == "digits-timescale"]
     if timescale:
         lines += [
@@ -378,19 +369,21 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
             "|---|---|---|---|",
         ]
         for r, a in timescale:
-            verdict = "—" if not r.clear_minimum() else ("yes" if hit(a, minima[id(r)]) else "no")
-            lines.append(f"| {r.name} | {minima[id(r)]} | {_fmt(a)} | {verdict} |")
+            verdict = (
+                "—" if not r.clear_minimum() else ("yes" if hit(a, r.test_min_step()) else "no")
+            )
+            lines.append(f"| {r.name} | {r.test_min_step()} | {_fmt(a)} | {verdict} |")
     controls_all = [r for r, _ in controls]
     silent = sum(alarm[id(r)] is None for r in controls_all)
     corrs = [c for _, _, _, c in per_run if c is not None]
-    h_rate = a_all / len(all_noisy) if all_noisy else None
+    h_rate = a_all / len(noisy_all) if noisy_all else None
     s_rate = silent / len(controls_all) if controls_all else None
     lines += [
         "",
         "## Targets (the agent's own alarm, default settings, every run above)",
         "",
         f"* Label-noise runs with a clear held-out minimum, onset within a factor 1.5 of its "
-        f"step in ≥ 80 %: {a_all}/{len(all_noisy)} — "
+        f"step in ≥ 80 %: {a_all}/{len(noisy_all)} — "
         f"**{'met' if h_rate is not None and h_rate >= 0.8 else 'not met'}** (by group in the "
         "table above).",
         f"* Clean-label and fresh-data runs with no alarm in ≥ 90 %: {silent}/{len(controls_all)} — "
