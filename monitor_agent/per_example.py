@@ -85,6 +85,10 @@ class PerExampleCapture:
         def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self.active or self._busy or not torch.is_grad_enabled():
                 return
+            if torch._C._functorch.peek_interpreter_stack() is not None:
+                # Inside a torch.func transform over the model (the user's own
+                # per-example gradients, say): not the training step's backward.
+                return
             if len(args) != 1 or not isinstance(args[0], torch.Tensor):
                 self.unsupported.update(p for _, p in own)
                 return

@@ -147,6 +147,28 @@ def test_exact_estimators_match_vmap(name: str, noise: str) -> None:
     assert torch.equal((snap["m2"] > snap["s"])[gap], (g_ref**2 > s_ref)[gap])
 
 
+def test_per_example_capture_ignores_torch_func_transforms_inside_the_step() -> None:
+    # A user (or an evaluation) may run torch.func over the model between backward and
+    # the optimizer step: its forward passes are not the training step's.
+    torch.manual_seed(random.randrange(10**9))
+    model, x, y = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    run = cs.init("t", "stats", mode="disabled")
+    with pytest.warns(UserWarning, match="dataset_size"):
+        mon = run.watch(
+            model, opt, batch_size=x.shape[0], noise="per_example", sample_fraction=1.0,
+            emit_every=1, keep_snapshot=True,
+        )  # fmt: skip
+    nn.functional.cross_entropy(model(x), y).backward()
+    g_ref, s_ref = _brute_force(model, x[:5], y[:5])  # vmap(grad) through the hooked modules
+    del g_ref, s_ref
+    opt.step()
+    run.finish()
+    assert isinstance(mon, Monitor)
+    _, s_ref = _brute_force(model, x, y)
+    torch.testing.assert_close(mon.snapshot["s"], s_ref, rtol=1e-10, atol=1e-14)
+
+
 def test_leave_one_out_identity_on_random_gradients() -> None:
     b, p = 7, 50
     g = torch.randn(b, p) + torch.randn(p)
