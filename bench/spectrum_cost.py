@@ -123,6 +123,12 @@ def main() -> None:
         "the derived columns follow the current auto schedule",
     )
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="measure only the selected cells and replace them in the saved rows (the other "
+        "cells keep their earlier measurement; both commands are recorded)",
+    )
+    parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "spectrum_cost.md")
     )
     args = parser.parse_args()
@@ -158,6 +164,14 @@ def main() -> None:
         f"k = 16, R = 4 output projections; median of {args.repeats} updates; each row in a "
         "fresh process."
     )
+    if args.merge:
+        saved = json.loads(raw_path.read_text())
+        if saved["header"] != header:
+            sys.exit(f"--merge: settings differ from the saved rows ({saved['header']})")
+        fresh = {(name, probe): res for name, probe, res in rows}
+        rows = [(n, p, fresh.pop((n, p), res)) for n, p, res in saved["rows"]]
+        rows += [(n, p, res) for (n, p), res in fresh.items()]
+        command = f"{saved['command']}`, then `{command}"
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     raw_path.write_text(json.dumps({"command": command, "header": header, "rows": rows}, indent=1))
     write_table(args.out, command, header, rows)
