@@ -69,13 +69,16 @@ PANELS = (
     ),
     Panel(
         "mem-graph", "memorization indicator",
-        ("memorization/score", "memorization/tail_score", "memorization/gradient_score",
+        ("memorization/score", "memorization/tail_score", "memorization/signal_score",
+         "memorization/signal_excess", "memorization/gradient_score",
          "memorization/disagree_fraction"),
         "score",
         "The memorization score (0 = learning what transfers, 1 = fitting what cannot) and its "
         "ingredients: the probe-tail score (training examples the network disagreed with, now "
-        "being fitted) and the gradient score 1 − Q̄/T̄. The alarm fires when the score stays "
-        "above its threshold.",
+        "being fitted), the signal score of full-batch training (the share of coordinates "
+        "whose training-set gradient survives leaving one example out, beyond chance: the "
+        "signal excess) and the gradient score 1 − Q̄/T̄. The alarm fires when the score "
+        "stays above its threshold.",
         "No memorization score: watch(..., dataset_size=n, probe=(x, y)) enables it.",
         markers=True,
     ),

@@ -7,7 +7,8 @@ Two families of evidence are computed side by side on every emitted step:
   Q = Σ w (m̂² − α_n ŝ) (population progress rate); M_grad = clip(1 − Q̄/T̄, 0, 1) with
   bars EMAs over ``ema_steps``. Cumulating η·Q and η·T gives the estimated population-
   and train-progress curves.
-* **tail** (the default score, chosen on the experiments in experiments/REPORT.md): on
+* **tail** (the default with the streaming estimator, chosen on the experiments in
+  experiments/REPORT.md): on
   the fixed training probe, H = the fraction of examples whose loss exceeds the chance
   level ln C (the network confidently disagrees with their label). The reference H_ref
   is the largest H̄ seen after warm-up; a network that then drives H down is fitting
@@ -17,6 +18,21 @@ Two families of evidence are computed side by side on every emitted step:
   H_ref when the probe's median loss fell below 0.25; it missed every 40 %-noise run, see
   experiments/REPORT.md, and remains available as ``reference="fitted"``.)
 
+* **signal** (the default for full-batch training with an exact noise estimator:
+  per-example, micro-batch or DDP ranks): the hard occupancy O of the leave-one-out gate
+  ḡ² > Σ/(b−1) over the exactly measured coordinates. With b = n this is the
+  training-set gate of §4.5: does the training-set gradient survive leaving one training
+  example out? With no population signal (μ = 0) and Gaussian noise,
+  ḡ²/(Σ/(b−1)) follows F(1, b−1), so O has a known null O₀ = P(|t_{b−1}| > 1) ≈ 0.317;
+  the excess E = (O − O₀)/(1 − O₀) is the share of coordinates carrying signal beyond
+  chance. Its median over ``signal_window`` steps (robust to the loss spikes of
+  full-batch training, during which every example pulls the same way) gives
+  M_signal = clip(1 − E/``signal_scale``, 0, 1): a network fitting its training set with
+  a gradient no more coherent than noise is memorizing; the score clears when the
+  gradient carries shared signal again (the jump of grokking). The streaming estimator
+  has no such null (its ŝ mixes batch noise and drift; full batch has no batch noise),
+  so with it the tail score is used.
+
 The onset rule is the design's: after warm-up, *arm* when the score is at least θ_on
 while the training loss still falls; *fire* after P consecutive emitted windows (the
 onset step is the first); *clear* when the score stays at most θ_off for P windows.
@@ -25,6 +41,8 @@ onset step is the first); *clear* when the score stays at most θ_off for P wind
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,14 +51,35 @@ from torch import nn
 
 from monitor_agent.kernel import probe_mode
 
-SCORES = ("tail", "gradient")
+SCORES = ("auto", "signal", "tail", "gradient")
+
+
+def null_occupancy(dof: int) -> float:
+    """P(|t_dof| > 1): the share of coordinates whose leave-one-out gate opens by chance
+    when the gradient has no population signal (Gaussian noise, dof = b − 1 examples or
+    K − 1 micro-batches); 0.5 at dof = 1, → erfc(1/√2) ≈ 0.3173 for large dof."""
+    if dof < 1:
+        raise ValueError("dof must be at least 1")
+    if dof > 10_000:
+        return math.erfc(1 / math.sqrt(2))
+    # Simpson's rule on the t density over [0, 1] (smooth there; 256 panels: error ~1e-12).
+    log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+    panels = 256
+    total = 0.0
+    for i in range(panels + 1):
+        x = i / panels
+        f = math.exp(log_c - (dof + 1) / 2 * math.log1p(x * x / dof))
+        total += f * (1 if i in (0, panels) else 4 if i % 2 else 2)
+    return 1 - 2 * total / (3 * panels)
 
 
 @dataclass(frozen=True)
 class OnsetSettings:
     """Constants of the onset rule and of the scores (documented defaults)."""
 
-    score: str = "tail"
+    # "auto": "signal" with an exact noise estimator on full batches (batch_size ≥
+    # dataset_size), else "tail" with a classification probe, else "gradient".
+    score: str = "auto"
     # 0.5 (was 0.3): chosen on seeds 0–2 of the label-noise runs once their held-out
     # ground truth was fixed, checked on seeds 3–7 and on runs with a 3× slower and a
     # 2× faster clock (experiments/REPORT.md).
@@ -55,6 +94,11 @@ class OnsetSettings:
     reference: str = "peak"
     min_reference: float = 0.05
     probe_every: int = 50
+    # The signal score: M = clip(1 − E/signal_scale, 0, 1) on the median excess E over
+    # the last signal_window steps; with θ_on 0.5 and θ_off 0.1 it fires at E ≤ 0.05 and
+    # clears at E ≥ 0.09. Chosen on one grokking run (experiments/REPORT.md).
+    signal_scale: float = 0.1
+    signal_window: int = 200
 
 
 @dataclass
@@ -139,6 +183,7 @@ class MemorizationTracker:
     loss_ema: float | None = None
     loss_ema_prev: float | None = None
     rule: OnsetRule | None = None
+    signal_excess: deque[tuple[int, float]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -178,6 +223,24 @@ class MemorizationTracker:
         elif self.h_ref is None and tail.median < self.settings.fitted_loss:
             self.h_ref = self.h_bar
 
+    def observe_signal(self, occupancy: float, dof: int, step: int) -> float:
+        """Feed the exact gate's hard occupancy of an emitted step (measured on that step's
+        batch, before the optimizer step); returns its excess over the noise null."""
+        null = null_occupancy(dof)
+        excess = (occupancy - null) / (1 - null)
+        if math.isfinite(excess):
+            self.signal_excess.append((step, excess))
+        while self.signal_excess and self.signal_excess[0][0] <= step - self.settings.signal_window:
+            self.signal_excess.popleft()
+        return excess
+
+    def signal_score(self) -> float:
+        """M_signal = clip(1 − median(E)/signal_scale, 0, 1); 0 before any exact step."""
+        if not self.enabled or not self.signal_excess:
+            return 0.0
+        med = statistics.median(e for _, e in self.signal_excess)
+        return min(1.0, max(0.0, 1.0 - med / self.settings.signal_scale))
+
     def gradient_score(self) -> float:
         """M_grad = clip(1 − Q̄/T̄, 0, 1); 0 without a finite training set."""
         if not self.enabled or self.t_bar <= 0:
@@ -194,7 +257,10 @@ class MemorizationTracker:
 
     def score(self) -> float:
         """The score the onset rule uses (``settings.score``)."""
-        return self.tail_score() if self.settings.score == "tail" else self.gradient_score()
+        kind = self.settings.score
+        if kind == "signal":
+            return self.signal_score()
+        return self.tail_score() if kind == "tail" else self.gradient_score()
 
     def loss_falling(self) -> bool:
         """True while the training-loss EMA still decreases (or nothing was logged)."""
@@ -219,6 +285,8 @@ class MemorizationTracker:
             "score_kind": s.score,
             "gradient_score": self.gradient_score(),
             "tail_score": self.tail_score(),
+            "signal_score": self.signal_score(),
+            "signal_excess": self.signal_excess[-1][1] if self.signal_excess else None,
             "disagree_fraction": self.h_bar,
             "disagree_reference": self.h_ref,
             "train_loss_ema": self.loss_ema,

@@ -15,7 +15,7 @@ import random
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 from monitor_agent import signal_stats as st
 from monitor_agent.kernel import ProbeKernel
 from monitor_agent.memorization import (
+    SCORES,
     MemorizationTracker,
     OnsetSettings,
     TailStatistics,
@@ -36,6 +37,18 @@ from monitor_agent.spectrum import GramianTracker, SpectrumReport, SpectrumSched
 NOISE_MODES = ("auto", "streaming", "microbatch", "per_example")
 MAX_EMIT_SCALE = 8
 STREAMING, MICROBATCH, PER_EXAMPLE = 0, 1, 2
+
+
+@dataclass
+class ExactNoise:
+    """One step's exact noise: ŝ per sampled coordinate, the estimator, which layers it
+    covers (the rest carry the streaming ŝ), and the degrees of freedom of the gate's
+    null (b − 1 examples or K − 1 micro-batches or ranks)."""
+
+    s: torch.Tensor
+    estimator: int
+    layers: list[bool]
+    dof: int
 
 
 def _select(
@@ -204,6 +217,7 @@ class Monitor:
         self._w: torch.Tensor | None = None
         self._w_kind = False
         self._adam_cache: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+        self._exact: ExactNoise | None = None
 
         self.per_example: PerExampleCapture | None = None
         if noise == "per_example":
@@ -247,9 +261,9 @@ class Monitor:
         chance = None
         if self.kernel is not None and self.kernel.loss == "cross_entropy":
             chance = math.log(self.kernel.n_out)
-        if onset.score == "tail" and chance is None:
-            # Without a classification probe there is no chance level to disagree with.
-            onset = OnsetSettings(**{**asdict(onset), "score": "gradient"})
+        onset = replace(
+            onset, score=self._score_kind(onset.score, noise, chance, batch_size, dataset_size)
+        )
         self.tracker: MemorizationTracker | None = None
         if dataset_size is not None:
             # Full batch (n ≤ b) has no training-set floor (α_n = 0, gradient score 0),
@@ -300,6 +314,34 @@ class Monitor:
                 },
             }
         )
+
+    def _score_kind(
+        self,
+        asked: str,
+        noise: str,
+        chance: float | None,
+        batch_size: int,
+        dataset_size: int | None,
+    ) -> str:
+        """The memorization score the onset rule will use (``OnsetSettings.score``)."""
+        if asked not in SCORES:
+            raise ValueError(f"memorization score {asked!r}: expected one of {SCORES}")
+        exact = noise in ("per_example", "microbatch") or self.ranks is not None
+        if asked == "signal" and not exact:
+            raise ValueError(
+                "memorization score 'signal' needs an exact noise estimator: "
+                "noise='per_example' or 'microbatch', or DDP ranks"
+            )
+        if asked == "auto":
+            # Only a batch that is the whole training set makes the exact gate the
+            # training-set gate of §4.5 (leave one training example out); on mini-batches
+            # it measures batch noise, which says nothing about memorizing the set.
+            full_batch = dataset_size is not None and batch_size >= dataset_size
+            asked = "signal" if exact and full_batch else "tail"
+        if asked == "tail" and chance is None:
+            # Without a classification probe there is no chance level to disagree with.
+            return "gradient"
+        return asked
 
     # ----- lifecycle ------------------------------------------------------------------
     def detach(self) -> None:
@@ -385,36 +427,39 @@ class Monitor:
         inv: torch.Tensor = 1.0 / (scale.to(self.dtype) ** 2)
         return inv
 
-    def _exact_noise(
-        self, g: torch.Tensor, s_stream: torch.Tensor
-    ) -> tuple[torch.Tensor, int] | None:
-        """ŝ = Σ/(b−1) from an exact estimator this step, and which one; None if none."""
+    def _exact_noise(self, g: torch.Tensor, s_stream: torch.Tensor) -> ExactNoise | None:
+        """ŝ = Σ/(b−1) from an exact estimator this step; None if none ran."""
+        every_layer = [True] * len(self.params)
         if self.ranks is not None and self.ranks.ready():
             pieces = [
                 self.ranks.noise(p, g[lo:hi])
                 for p, (lo, hi) in zip(self.params, self.bounds, strict=True)
             ]
-            return torch.cat(pieces), MICROBATCH
+            return ExactNoise(torch.cat(pieces), MICROBATCH, every_layer, self.ranks.world - 1)
         unscale = self._unscale_squares()
-        if self.microbatch is not None and self.microbatch.micro_batches() >= 2:
+        k = self.microbatch.micro_batches() if self.microbatch is not None else 0
+        if self.microbatch is not None and k >= 2:
             pieces = [
                 self.microbatch.noise(p, g[lo:hi], unscale)
                 for p, (lo, hi) in zip(self.params, self.bounds, strict=True)
             ]
-            return torch.cat(pieces), MICROBATCH
+            return ExactNoise(torch.cat(pieces), MICROBATCH, every_layer, k - 1)
         cap = self.per_example
         if cap is not None and cap.sumsq:
-            pieces = []
+            pieces, exact, counts = [], [], []
             for p, idx, (lo, hi) in zip(self.params, self.idx, self.bounds, strict=True):
-                if p in cap.sumsq and p not in cap.unsupported and cap.examples.get(p, 0) >= 2:
+                ok = p in cap.sumsq and p not in cap.unsupported and cap.examples.get(p, 0) >= 2
+                exact.append(ok)
+                if ok:
                     b = cap.examples[p]
+                    counts.append(b)
                     s2 = sampled_flat(cap.sumsq[p], idx, self.dtype) * unscale
                     gk = g[lo:hi]
                     sigma = (b * s2 - gk * gk).clamp_min(0)
                     pieces.append(sigma / (b - 1))
                 else:
                     pieces.append(s_stream[lo:hi])
-            return torch.cat(pieces), PER_EXAMPLE
+            return ExactNoise(torch.cat(pieces), PER_EXAMPLE, exact, min(counts, default=1) - 1)
         return None
 
     def observe_step(self) -> None:
@@ -538,8 +583,9 @@ class Monitor:
     ) -> None:
         s_stream = self.streaming_noise(beta)
         exact = self._exact_noise(g, s_stream)
+        self._exact = exact
         if exact is not None:
-            s, estimator = exact
+            s, estimator = exact.s, exact.estimator
             m2 = g * g
         else:
             s, estimator = s_stream, STREAMING
@@ -722,6 +768,18 @@ class Monitor:
                 }
             )
         out["memorization/tail_score"] = tracker.tail_score()
+        exact = self._exact
+        if exact is not None and exact.dof >= 1 and any(exact.layers):
+            # The exact gate's occupancy over the coordinates measured exactly this step
+            # (layers the per-example capture cannot reach keep the streaming ŝ).
+            nl = len(self.params)
+            sizes = [hi - lo for lo, hi in self.bounds]
+            pairs = [
+                (host["per_layer"][i] * sizes[i], sizes[i]) for i in range(nl) if exact.layers[i]
+            ]
+            occupancy = sum(a for a, _ in pairs) / max(sum(n for _, n in pairs), 1)
+            out["memorization/signal_excess"] = tracker.observe_signal(occupancy, exact.dof, step)
+        out["memorization/signal_score"] = tracker.signal_score()
         out["memorization/score"] = tracker.score()
         for ev in tracker.step_onset(step):
             self.run.event(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -9,7 +10,14 @@ from torch import nn
 
 import monitor_agent as cs
 from monitor_agent import wire
-from monitor_agent.memorization import MemorizationTracker, OnsetRule, OnsetSettings, TailStatistics
+from monitor_agent.memorization import (
+    MemorizationTracker,
+    OnsetRule,
+    OnsetSettings,
+    TailStatistics,
+    null_occupancy,
+)
+from monitor_agent.run import Run
 
 
 def test_onset_rule_arms_fires_and_clears_with_hysteresis() -> None:
@@ -109,3 +117,96 @@ def test_agent_publishes_scores_and_no_score_without_dataset_size(
         for _, f in redis_client.xrange(runs[1].keys.stream(runs[1].id, "scalars"))
     ]
     assert not any("memorization/score" in s for s in without)
+
+
+def test_null_occupancy_matches_closed_forms_and_pure_noise_gradients() -> None:
+    assert null_occupancy(1) == pytest.approx(0.5, abs=1e-9)  # Cauchy
+    assert null_occupancy(2) == pytest.approx(1 - 1 / math.sqrt(3), abs=1e-9)
+    assert null_occupancy(10**6) == pytest.approx(math.erfc(1 / math.sqrt(2)), abs=1e-9)
+    with pytest.raises(ValueError, match="dof"):
+        null_occupancy(0)
+    # The leave-one-out gate on per-example gradients with no common signal opens at
+    # that rate (standard error 0.001 over 200,000 coordinates).
+    gen = torch.Generator().manual_seed(random.randrange(10**6))
+    b = 16
+    g = torch.randn(b, 200_000, generator=gen, dtype=torch.float64) * 3.0
+    g_bar = g.mean(0)
+    sigma = ((g - g_bar) ** 2).mean(0)
+    occupancy = float((g_bar**2 > sigma / (b - 1)).double().mean())
+    assert occupancy == pytest.approx(null_occupancy(b - 1), abs=0.005)
+
+
+def test_signal_score_is_the_median_excess_over_its_window() -> None:
+    settings = OnsetSettings(score="signal", signal_window=100, signal_scale=0.1)
+    tracker = MemorizationTracker(0.0, None, settings)
+    null = null_occupancy(99)
+
+    def at(excess: float) -> float:
+        return null + excess * (1 - null)
+
+    assert tracker.signal_score() == 0.0  # nothing measured yet
+    for step in range(0, 100, 10):  # no more coherent than noise: memorizing
+        assert tracker.observe_signal(at(0.0), 99, step) == pytest.approx(0.0, abs=1e-12)
+    assert tracker.signal_score() == pytest.approx(1.0)
+    tracker.observe_signal(at(0.9), 99, 100)  # one loss spike does not move the median
+    assert tracker.signal_score() == pytest.approx(1.0)
+    for step in range(110, 220, 10):
+        tracker.observe_signal(at(0.05), 99, step)
+    assert tracker.signal_score() == pytest.approx(0.5)  # steps ≤ 110 have left the window
+    for step in range(220, 330, 10):
+        tracker.observe_signal(at(0.3), 99, step)
+    assert tracker.signal_score() == 0.0
+    assert tracker.score() == 0.0
+
+
+def _score_of(client: redis.Redis, run: Run) -> str:
+    meta = wire.decode_meta(client.hgetall(run.keys.meta(run.id)))
+    kind: str = meta["settings"]["memorization"]["score"]
+    return kind
+
+
+def _full_batch_run(
+    redis_url: str, noise: str, batch: int, memorization: dict[str, str] | None = None
+) -> Run:
+    torch.manual_seed(random.randrange(10**6))
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(48, 6), torch.randint(0, 3, (48,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with cs.init("t", f"signal-{noise}-{batch}", redis_url=redis_url) as run:
+        run.watch(
+            model, opt, batch_size=batch, dataset_size=48, noise=noise, emit_every=5,
+            probe=(x, y), memorization=memorization,
+        )  # fmt: skip
+        for step in range(40):
+            idx = torch.arange(48) if batch == 48 else torch.randint(0, 48, (batch,))
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.log({"train/loss": loss.item()}, step)
+    return run
+
+
+def test_full_batch_exact_training_uses_the_signal_score(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    run = _full_batch_run(redis_url, "per_example", 48)
+    assert _score_of(redis_client, run) == "signal"
+    scalars = [
+        wire.decode("scalars", f)["s"]
+        for _, f in redis_client.xrange(run.keys.stream(run.id, "scalars"))
+    ]
+    excess = [s["memorization/signal_excess"] for s in scalars if "memorization/signal_excess" in s]
+    assert excess and all(-1.0 <= e <= 1.0 for e in excess)
+    assert all(
+        0.0 <= s["memorization/signal_score"] <= 1.0
+        for s in scalars
+        if "memorization/signal_score" in s
+    )
+    # Mini-batches: the batch gate says nothing about the training set; the tail score.
+    assert _score_of(redis_client, _full_batch_run(redis_url, "per_example", 16)) == "tail"
+    assert _score_of(redis_client, _full_batch_run(redis_url, "streaming", 48)) == "tail"
+    with pytest.raises(ValueError, match="exact noise estimator"):
+        _full_batch_run(redis_url, "streaming", 48, {"score": "signal"})
+    with pytest.raises(ValueError, match="expected one of"):
+        _full_batch_run(redis_url, "streaming", 48, {"score": "median"})
