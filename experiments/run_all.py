@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ class Plan:
     steps: int
     fresh_seeds: list[int]
     grok_steps: int
+    grok_seeds: list[int]
     # (Adam learning rate, steps) of the time-scale runs, and their noise rates and seeds
     timescales: list[tuple[float, int]]
     timescale_noises: list[float]
@@ -47,10 +49,10 @@ class Plan:
 
 
 FULL = Plan(
-    [0.0, 0.1, 0.2, 0.4], [0, 1, 2], 3000, [0, 1, 2], 8000,
+    [0.0, 0.1, 0.2, 0.4], [0, 1, 2], 3000, [0, 1, 2], 8000, [0],
     [(1e-4, 5000), (6e-4, 3000)], [0.2, 0.4], [0, 1, 2],
 )  # fmt: skip
-QUICK = Plan([0.0, 0.2], [0], 1200, [0], 0, [], [], [])
+QUICK = Plan([0.0, 0.2], [0], 1200, [0], 0, [], [], [], [])
 # Seeds never looked at while choosing the definition: a check of the chosen default.
 # 3–4 were run after the reference was chosen on 0–2; 5–7 after θ_on was fixed as well.
 VALIDATION_SEEDS = [3, 4, 5, 6, 7]
@@ -167,6 +169,45 @@ def candidates(rec: RunRecord) -> dict[str, tuple[int | None, int | None]]:
     return out
 
 
+GROK_FITTED = 0.1  # training loss at which the training set counts as fitted
+
+
+def grokking_verdict(rec: RunRecord) -> dict[str, Any]:
+    """The grokking target on one run: the agent's first alarm falls on the memorization
+    plateau (from the step the training loss reaches GROK_FITTED to the step held-out
+    accuracy passes 50 %), and its first clear after that lies within 20 % of the step
+    held-out accuracy passes 90 %."""
+
+    def first(flags: list[bool]) -> int | None:
+        return next((s for s, f in zip(rec.steps, flags, strict=True) if f), None)
+
+    fitted = first([v <= GROK_FITTED for v in rec.train_loss])
+    rising = first([a >= 0.5 for a in rec.test_acc])
+    jump = first([a >= 0.9 for a in rec.test_acc])
+    onset = next((e["step"] for e in rec.events if e["kind"] == "memorization_onset"), None)
+    cleared = next(
+        (
+            e["step"]
+            for e in rec.events
+            if e["kind"] == "memorization_cleared" and onset is not None and e["step"] > onset
+        ),
+        None,
+    )
+    on_plateau = (
+        onset is not None
+        and fitted is not None
+        and rising is not None
+        and fitted - 50 <= onset < rising
+    )
+    at_jump = cleared is not None and jump is not None and abs(cleared - jump) <= 0.2 * jump
+    score = next((e["data"].get("score_kind") for e in rec.events if "data" in e), "no alarm")
+    return {
+        "fitted": fitted, "rising": rising, "jump": jump, "onset": onset, "cleared": cleared,
+        "fires_on_plateau": on_plateau, "clears_at_jump": at_jump,
+        "met": on_plateau and at_jump, "score": score,
+    }  # fmt: skip
+
+
 def q_over_t_correlation(rec: RunRecord, window: int = 100) -> float | None:
     """Pearson correlation, over windows, of the predicted Q/T (increments of the
     population- and train-progress curves) with the measured held-out/train improvement
@@ -196,7 +237,9 @@ def q_over_t_correlation(rec: RunRecord, window: int = 100) -> float | None:
     return cov / math.sqrt(vp * vm) if vp > 0 and vm > 0 else None
 
 
-def _plot(rec: RunRecord, path: Path, onsets: dict[str, tuple[int | None, int | None]]) -> None:
+def _plot(rec: RunRecord, path: Path) -> None:
+    """Held-out and training loss above; the scores and the agent's alarms (red: onset,
+    green: cleared) below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,14 +252,20 @@ def _plot(rec: RunRecord, path: Path, onsets: dict[str, tuple[int | None, int | 
     ax1.set_yscale("log")
     ax1.legend(fontsize=8)
     ax1.set_title(rec.name, fontsize=10)
-    for name, colour in (("tail_score", "#16a34a"), ("gradient_score", "#9333ea")):
+    curves = (
+        ("tail_score", "#16a34a", "-"),
+        ("gradient_score", "#9333ea", "-"),
+        ("signal_score", "#0891b2", "-"),
+        ("signal_excess", "#0891b2", "--"),
+        ("disagree_fraction", "#ea580c", "--"),
+    )
+    for name, colour, style in curves:
         s, v = rec.series(f"memorization/{name}")
-        ax2.plot(s, v, label=name.replace("_", " "), color=colour)
-    s, v = rec.series("memorization/disagree_fraction")
-    ax2.plot(s, v, label="disagreeing fraction H", color="#ea580c", ls="--")
-    onset = onsets["tail"][0]
-    if onset is not None:
-        ax2.axvline(onset, color="#16a34a", ls=":", label="tail onset")
+        if s:
+            ax2.plot(s, v, label=name.replace("_", " "), color=colour, ls=style)
+    for e in rec.events:
+        onset = e["kind"] == "memorization_onset"
+        ax2.axvline(e["step"], color="#b91c1c" if onset else "#15803d", ls=":", lw=1)
     ax2.axvline(rec.test_min_step(), color="#dc2626", ls=":")
     ax2.set_ylim(-0.05, 1.05)
     ax2.set_xlabel("step")
@@ -251,7 +300,7 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         "",
         "## Runs",
         "",
-        "| run | held-out min step | clear min | agent onset (tail) | cleared | tail | gradient | EB | mean GSNR | loss plateau | corr(Q/T, measured) |",
+        "| run | held-out min step | clear min | agent onset | cleared | tail | gradient | EB | mean GSNR | loss plateau | corr(Q/T, measured) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     per_run = []
@@ -266,7 +315,7 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         corr = q_over_t_correlation(rec)
         per_run.append((rec, onsets, agent_onset, corr))
         slug = rec.name.replace(" ", "_").replace("=", "").replace("%", "pct")
-        _plot(rec, figs / f"{slug}.png", onsets)
+        _plot(rec, figs / f"{slug}.png")
         lines.append(
             f"| [{rec.name}](figures/{slug}.png) | {rec.test_min_step()} | {'yes' if rec.clear_minimum() else 'no'} "
             f"| {_fmt(agent_onset)} | {_fmt(agent_clear)} | "
@@ -389,28 +438,31 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         f"* Clean-label and fresh-data runs with no alarm in ≥ 90 %: {silent}/{len(controls_all)} — "
         f"**{'met' if s_rate is not None and s_rate >= 0.9 else 'not met'}**.",
     ]
-    grok = [(r, a) for r, _, a, _ in per_run if r.kind == "grokking"]
+    grok = [r for r, _, _, _ in per_run if r.kind == "grokking"]
+    verdicts = [grokking_verdict(r) for r in grok]
+    for r, v in zip(grok, verdicts, strict=True):
+        history = ", ".join(
+            f"{e['kind'].removeprefix('memorization_')} at {e['step']}" for e in r.events
+        )
+        lines.append(
+            f"* Grokking ({r.name}, score: {v['score']}): the training set is fitted (loss ≤ "
+            f"{GROK_FITTED}) at step {_fmt(v['fitted'])} and held-out accuracy passes 50 % at "
+            f"{_fmt(v['rising'])} and 90 % at {_fmt(v['jump'])}; alarm at {_fmt(v['onset'])} "
+            f"({'during' if v['fires_on_plateau'] else 'not during'} the plateau), cleared at "
+            f"{_fmt(v['cleared'])} ({'within' if v['clears_at_jump'] else 'not within'} 20 % of "
+            f"the 90 % step) — **{'met' if v['met'] else 'not met'}**. Every alarm event of the "
+            f"run: {history or 'none'}."
+        )
     if grok:
-        for r, a in grok:
-            jump = next((s for s, acc in zip(r.steps, r.test_acc, strict=True) if acc >= 0.9), None)
-            clear = next((e["step"] for e in r.events if e["kind"] == "memorization_cleared"), None)
-            ok = (
-                a is not None
-                and jump is not None
-                and clear is not None
-                and abs(clear - jump) <= 0.2 * jump
-            )
-            history = ", ".join(
-                f"{e['kind'].removeprefix('memorization_')} at {e['step']}" for e in r.events
-            )
-            lines.append(
-                f"* Grokking ({r.name}): held-out accuracy passes 90 % at step {_fmt(jump)}; alarm at {_fmt(a)}, "
-                f"cleared at {_fmt(clear)} — **{'met' if ok else 'not met'}**. Every alarm event of "
-                f"the run: {history or 'none'}. The training set is fitted within ~200 steps and "
-                "full-batch training then shows loss spikes (slingshots, see the figure); each "
-                "spike makes the probe disagree with its labels for a moment, which is what moves "
-                "the tail score here, not the memorization plateau itself."
-            )
+        lines.append(
+            "  Grokking trains on the full batch with the exact per-example estimator, so the "
+            "agent's default score is the signal score (docs/concepts.md): the share of "
+            "coordinates whose training-set gradient survives leaving one training example "
+            "out, beyond the share that opens by chance. It falls to chance while the "
+            "training set is memorized and rises again as the generalizing solution forms "
+            "(the figure's signal excess); the tail score, which needs examples the network "
+            "disagrees with, has none on this plateau."
+        )
     else:
         lines.append("* Grokking: not run in this mode (`make experiments` runs it).")
     lines.append(
@@ -431,12 +483,19 @@ def main(argv: list[str] | None = None) -> int:
         "--from-records", default=None,
         help="rebuild the report from a records file of an earlier run, without training",
     )  # fmt: skip
+    parser.add_argument(
+        "--rerun", default=None, metavar="KIND",
+        help="run only the runs of one kind (digits, digits-validation, digits-timescale, "
+        "fresh, grokking) and replace them in out/records.pkl; the report lists both commands",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     torch.set_num_threads(2)
     out = Path(args.out)
     started = time.perf_counter()
     command = "make experiments" if not args.quick else "python -m experiments.run_all --quick"
+    if args.rerun:
+        command = f"python -m experiments.run_all --rerun {args.rerun}"
     if args.from_records:
         with open(args.from_records, "rb") as fh:
             saved = pickle.load(fh)
@@ -444,12 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     redis = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
     records: list[RunRecord] = []
-    jobs: list[tuple[str, Callable[[], RunRecord]]] = []
+    jobs: list[tuple[str, str, Callable[[], RunRecord]]] = []  # label, kind, run
     seeds = plan.seeds + ([] if args.quick else VALIDATION_SEEDS)
     for noise in plan.noises:
         for seed in seeds:
             kind = "digits-validation" if seed in VALIDATION_SEEDS else "digits"
-            jobs.append((f"digits {noise} {seed}", lambda n=noise, s=seed, k=kind: run_task(
+            jobs.append((f"digits {noise} {seed}", kind, lambda n=noise, s=seed, k=kind: run_task(
                 digits_label_noise(n, s), k, plan.steps, redis.url, noise=n)))  # fmt: skip
     # The same task on a slower and a faster clock: every run above has its held-out
     # minimum between steps ~350 and ~1,650, where one fixed step already lands within ×1.5
@@ -457,32 +516,42 @@ def main(argv: list[str] | None = None) -> int:
     for lr, steps in plan.timescales:
         for noise in plan.timescale_noises:
             for seed in plan.timescale_seeds:
-                jobs.append((f"digits {noise} {seed} lr {lr:g}", lambda n=noise, s=seed, lr=lr, k=steps: run_task(
+                jobs.append((f"digits {noise} {seed} lr {lr:g}", "digits-timescale", lambda n=noise, s=seed, lr=lr, k=steps: run_task(
                     digits_label_noise(n, s, lr=lr), "digits-timescale", k, redis.url, noise=n)))  # fmt: skip
     for seed in plan.fresh_seeds:
         jobs.append(
             (
                 f"fresh {seed}",
+                "fresh",
                 lambda s=seed: run_task(fresh_data(s), "fresh", plan.steps, redis.url),
             )
         )
-    if plan.grok_steps:
-        jobs.append(
-            (
-                "grokking",
-                lambda: run_task(
-                    grokking(0), "grokking", plan.grok_steps, redis.url, eval_every=20
-                ),
-            )
-        )
+    # Full batch: the exact per-example estimator sees the whole training set every step,
+    # and the agent's default score is then the signal score (DESIGN §4.5, docs/concepts.md).
+    for seed in plan.grok_seeds:
+        jobs.append((f"grokking {seed}", "grokking", lambda s=seed: run_task(
+            grokking(s), "grokking", plan.grok_steps, redis.url, eval_every=20,
+            estimator="per_example")))  # fmt: skip
+    if args.rerun:
+        jobs = [(label, kind, job) for label, kind, job in jobs if kind == args.rerun]
+        if not jobs:
+            parser.error(f"--rerun {args.rerun}: no runs of that kind in the plan")
     try:
-        for label, job in jobs:
+        for label, _, job in jobs:
             t0 = time.perf_counter()
             records.append(job())
             print(f"{label}: {time.perf_counter() - t0:.1f}s", flush=True)
     finally:
         redis.stop()
     seconds = time.perf_counter() - started
+    if args.rerun:
+        # Keep every other run of the saved records; their command and time are kept too.
+        with open(out / "out" / "records.pkl", "rb") as fh:
+            saved = pickle.load(fh)
+        kept = [r for r in saved["records"] if r.kind != args.rerun]
+        records = kept + records
+        command = f"{saved['command']}`, then `{command}"
+        seconds += saved["seconds"]
     # The raw records, so the report can be rebuilt (and candidates added) without training.
     (out / "out").mkdir(parents=True, exist_ok=True)
     with open(out / "out" / "records.pkl", "wb") as fh:

@@ -89,6 +89,7 @@ def run_task(
     probe_size: int = 256,
     noise: float = 0.0,
     memorization: dict[str, Any] | None = None,
+    estimator: str = "auto",
 ) -> RunRecord:
     """Train a task for ``steps`` optimizer steps with the agent watching it."""
     rec = RunRecord(task.name, kind, noise=noise)
@@ -98,7 +99,7 @@ def run_task(
     with cs.init("experiments", task.name, config=config, redis_url=redis_url) as run:
         run.watch(
             task.model, task.optimizer, batch_size=task.batch_size,
-            dataset_size=task.dataset_size, probe=probe, emit_every=10, k=8,
+            dataset_size=task.dataset_size, probe=probe, emit_every=10, k=8, noise=estimator,
             # A fixed cadence: these runs measure the indicator, not the overhead budget
             # (which on these millisecond steps would space emissions out).
             budget=None, memorization=memorization,

@@ -78,12 +78,15 @@ def train(
     loss_fn = nn.CrossEntropyLoss()
     if watch:
         # Full batch: the batch is the whole training set, so the streaming estimator
-        # (across steps) measures drift rather than sampling noise.
+        # (across steps) measures drift rather than sampling noise; exact per-example
+        # statistics on the emitted steps make the leave-one-out gate the training-set
+        # gate, and the memorization alarm the signal score (docs/concepts.md).
         run.watch(
             model,
             opt,
             batch_size=len(task.train_y),
             dataset_size=len(task.train_y),
+            noise="per_example",
             emit_every=10,
             # A fixed probe of training pairs: the spectrum and the memorization score.
             probe=(task.train_x[:64], task.train_y[:64]),

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.run_all import best_constant_step, main
+from experiments.run_all import best_constant_step, grokking_verdict, main
 from experiments.runner import RunRecord
 
 
@@ -30,3 +30,27 @@ def test_best_constant_step_is_the_earliest_step_hitting_most_minima() -> None:
     # ×1.5 windows: [267, 600], [400, 900], [600, 1350], [1600, 3600]; 600 is in three.
     assert best_constant_step(runs) == 600
     assert best_constant_step([]) is None
+
+
+def test_grokking_verdict_needs_an_alarm_on_the_plateau_and_a_clear_near_the_jump() -> None:
+    rec = RunRecord("grok", "grokking")
+    rec.steps = list(range(0, 5001, 20))
+    rec.train_loss = [4.0 if s < 150 else 0.01 for s in rec.steps]  # fitted at 160
+    # held-out accuracy: 50 % at 3,500, 90 % at 4,000
+    rec.test_acc = [0.3 if s < 3500 else 0.6 if s < 4000 else 0.95 for s in rec.steps]
+
+    def events(*pairs: tuple[str, int]) -> list[dict[str, object]]:
+        return [
+            {"kind": f"memorization_{k}", "step": s, "data": {"score_kind": "signal"}}
+            for k, s in pairs
+        ]
+
+    rec.events = events(("onset", 200), ("cleared", 3700))
+    v = grokking_verdict(rec)
+    assert (v["fitted"], v["rising"], v["jump"]) == (160, 3500, 4000)
+    assert v["met"] and v["score"] == "signal"
+    rec.events = events(("onset", 3600), ("cleared", 3900))  # fires after the plateau
+    assert not grokking_verdict(rec)["fires_on_plateau"]
+    rec.events = events(("onset", 200), ("cleared", 1000), ("onset", 1100))  # clears early
+    v = grokking_verdict(rec)
+    assert v["fires_on_plateau"] and not v["clears_at_jump"] and not v["met"]
