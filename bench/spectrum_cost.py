@@ -209,6 +209,11 @@ def write_table(out: str, command: str, header: str, rows: list[Any]) -> None:
             f"| {100 * r['amortized']:.2f} % | {every:,} | {100 * auto:.2f} % "
             f"| {r['rss_mb']:.0f} |"
         )
+    # A row may carry a note on how it was measured (added by hand to the JSON).
+    notes = [(name, probe, r["note"]) for name, probe, r in rows if "note" in r]
+    if notes:
+        lines.append("")
+        lines += [f"* {name}, probe {probe}: {note}" for name, probe, note in notes]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
