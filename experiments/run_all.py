@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ def _thin(steps: list[int], values: list[float], every: int) -> tuple[list[int],
 
 # Variants of the tail score, replayed offline with the agent's own tracker and onset rule
 # on the probe summaries the agent published during the run.
-TAIL_VARIANTS = {
+TAIL_VARIANTS = {  # each OnsetSettings with score="tail" (set in replay_tail)
     "tail, ref when median < 0.25": OnsetSettings(
         reference="fitted", fitted_loss=0.25, theta_on=0.3
     ),
@@ -113,7 +113,7 @@ def replay_tail(rec: RunRecord, settings: OnsetSettings) -> tuple[int | None, in
         return None, None
     med, dis = dict(zip(ms, mv, strict=True)), dict(zip(hs, hv, strict=True))
     loss = dict(zip(rec.steps, rec.train_loss, strict=True))
-    tracker = MemorizationTracker(1.0, math.log(10), settings)
+    tracker = MemorizationTracker(1.0, math.log(10), replace(settings, score="tail"))
     onset = cleared = None
     for step in range(0, max(rec.steps) + 1, 10):
         if step in loss:

@@ -258,6 +258,10 @@ class MemorizationTracker:
     def score(self) -> float:
         """The score the onset rule uses (``settings.score``)."""
         kind = self.settings.score
+        if kind == "auto":
+            # watch() resolves "auto" from the estimator; a tracker used on its own (replays
+            # of recorded runs) has no exact statistics to go on.
+            kind = "tail" if self.chance_loss is not None else "gradient"
         if kind == "signal":
             return self.signal_score()
         return self.tail_score() if kind == "tail" else self.gradient_score()

@@ -56,6 +56,14 @@ def test_tail_score_tracks_the_disagreeing_fraction_after_the_bulk_is_fitted() -
     assert small.tail_score() == 0.0
 
 
+def test_a_tracker_on_its_own_reads_auto_as_the_tail_score() -> None:
+    tracker = MemorizationTracker(0.05, 2.3, OnsetSettings(ema_steps=1))
+    assert tracker.settings.score == "auto"
+    for step, h in ((200, 0.4), (250, 0.1)):
+        tracker.observe_tail(TailStatistics(1.0, 2.0, 3.0, h), 50, step)
+    assert tracker.score() == pytest.approx(tracker.tail_score()) == pytest.approx(0.75)
+
+
 def test_peak_reference_is_the_most_disagreement_after_warm_up() -> None:
     tracker = MemorizationTracker(0.05, 2.3, OnsetSettings(ema_steps=1, warmup_steps=200))
     tracker.observe_tail(TailStatistics(2.0, 2.0, 3.0, 0.6), 50, 100)  # warm-up: ignored
