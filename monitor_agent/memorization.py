@@ -40,6 +40,7 @@ onset step is the first); *clear* when the score stays at most θ_off for P wind
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections import deque
@@ -54,6 +55,7 @@ from monitor_agent.kernel import probe_mode
 SCORES = ("auto", "signal", "tail", "gradient")
 
 
+@functools.lru_cache(maxsize=64)
 def null_occupancy(dof: int) -> float:
     """P(|t_dof| > 1): the share of coordinates whose leave-one-out gate opens by chance
     when the gradient has no population signal (Gaussian noise, dof = b − 1 examples or
