@@ -266,7 +266,10 @@ def test_sketch_update_agrees_whether_j_is_held_built_in_blocks_or_absent() -> N
         assert report.method == "sketch"
         torch.testing.assert_close(sketch, reports["products"][1], rtol=1e-9, atol=1e-12)
         got = torch.tensor(report.kernel_eigs)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10, msg=name)
+        # The update's Lanczos stops once every Ritz residual is ≤ 1e-4·θ₁, which bounds
+        # each Ritz value's distance to an eigenvalue by the same (an rtol of 1e-6 failed
+        # about one seed in twenty, on the third value at ~2e-6).
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want[0]), msg=name)
 
 
 def test_exact_path_beyond_the_products_limit_only_when_blocks_build_the_kernel(
