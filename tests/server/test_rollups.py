@@ -128,7 +128,9 @@ def test_two_replicas_folding_one_run_lose_no_update(
     run = cs.init("replicas", "two", redis_url=redis_url)
     for s in range(n):
         run.log({"train/loss": values[s]}, s)
-    run.flush()
+    # Every record must be in Redis before the replicas fold (flush's 10 s default ran out
+    # on a loaded machine and the fold saw 3,212 of 6,000).
+    assert run.flush(120)
 
     async def fold_with_two() -> dict[int, list[tuple[int, list[float]]]]:
         client = aioredis.Redis.from_url(redis_url)
