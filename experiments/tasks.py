@@ -48,17 +48,11 @@ DIGITS_LR = 3e-4
 
 
 def digits_label_noise(
-    noise: float,
-    seed: int,
-    n_train: int = 1000,
-    batch_size: int = 64,
-    lr: float = DIGITS_LR,
-    full_batch: bool = False,
+    noise: float, seed: int, n_train: int = 1000, batch_size: int = 64, lr: float = DIGITS_LR
 ) -> Task:
     """scikit-learn digits, standardized; a fraction ``noise`` of training labels replaced
     by a different class drawn uniformly; held-out labels are clean. ``lr`` sets Adam's
-    step and with it the run's time scale; ``full_batch`` trains on the whole training
-    set every step (``batch_size`` is then ``n_train``)."""
+    step and with it the run's time scale."""
     gen = torch.Generator().manual_seed(seed)
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
@@ -81,14 +75,10 @@ def digits_label_noise(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if full_batch:
-            return tx, ty
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)
         return tx[idx], ty[idx]
 
     name = f"digits noise={noise:.0%} seed={seed}" + (f" lr={lr:g}" if lr != DIGITS_LR else "")
-    if full_batch:
-        name, batch_size = name + " full batch", n_train
     return Task(name, model, opt, batch, tx, ty, vx, vy,
                 batch_size, n_train, flip)  # fmt: skip
 
