@@ -59,74 +59,92 @@ def soft_gate(m2: torch.Tensor, s: torch.Tensor, alpha: float, lam: float) -> to
     return excess / (excess + lam * s + _TINY)
 
 
+# Rows of the per-coordinate matrix that layer_statistics sums per layer: the gate, the
+# soft gate, q·ḡ², ḡ², w·ḡ², w·ŝ, ŝ, the population gate, the reservoir, w·m²_pop.
+_ROWS = 10
+# Three more rows extend the sums: coordinate counts (10), ones (11), GSNR medians (12).
+# Every output is (numerator row · sums) / (denominator row · sums): LAYER_FIELDS in order,
+# then T and Q. Q's coefficient on w·ŝ is −α_n, filled in per gate.
+_NUMERATOR = [
+    {0: 1.0}, {1: 1.0}, {2: 1.0}, {4: 1.0, 5: -1.0}, {3: 1.0, 6: -1.0}, {6: 1.0}, {12: 1.0},
+    {7: 1.0}, {8: 1.0}, {9: 1.0}, {9: 1.0},
+]  # fmt: skip
+_DENOMINATOR = [10, 10, 3, 4, 3, 3, 11, 10, 11, 11, 11]
+_COEFFICIENTS: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def layer_statistics(
     g: torch.Tensor,
     s: torch.Tensor,
     m2: torch.Tensor,
     w: torch.Tensor,
     m2_population: torch.Tensor,
-    s_population: torch.Tensor,
     closed_run: torch.Tensor,
     bounds: list[tuple[int, int]],
     batch_size: int,
     gate: GateSettings,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer statistics (rows of LAYER_FIELDS × layers) and the overall ones
-    (one value per field), as two device tensors. ``closed_run`` counts, per coordinate,
-    how many evaluations in a row its gate was closed; it is updated in place."""
-    n_fields = 10
-    # Each column is written straight into one (fields × coordinates) buffer: no stack
-    # copy and no separate dtype conversions (this runs on every emitted step).
-    cols = torch.empty((n_fields, g.numel()), dtype=g.dtype, device=g.device)
-    is_open, q, qg2, g2, wloo, wg2, loo, s_col, pop_open, persistent = cols.unbind(0)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-layer statistics (rows of LAYER_FIELDS × layers), the overall ones (one value
+    per field) and the rates [T, Q] = [Σ w m²_pop, Σ w (m²_pop − α_n ŝ)] of §4.5, as
+    device tensors, on an emitted step. ``closed_run`` counts, per coordinate, how many
+    evaluations in a row its gate was closed; it is updated in place."""
+    # This runs on every emitted step, where each kernel moves little data: every row
+    # is written straight into one (rows × coordinates) buffer, comparisons write floats
+    # (a bool result costs ~4× a float one on CPU), and all fields come out of the
+    # per-layer sums through two small matrix products.
+    n = g.numel()
+    cols = torch.empty((_ROWS, n), dtype=g.dtype, device=g.device)
+    is_open, q, qg2, g2, wg2, ws, s_col, pop_open, persistent, wm2p = cols.unbind(0)
     torch.mul(g, g, out=g2)
     threshold = s if gate.alpha == 1 else gate.alpha * s
-    torch.sub(m2, threshold, out=loo)  # scratch: m² − αŝ
-    open_mask = loo > 0
-    is_open.copy_(open_mask)
-    loo.clamp_(min=0)
-    torch.div(loo, loo + gate.soft_lambda * s + _TINY, out=q)
+    torch.gt(m2, threshold, out=is_open)
+    # ŝ + ε keeps the soft gate's denominator positive; ε (1e-30) is far below any sum.
+    torch.add(s, _TINY, out=s_col)
+    torch.sub(m2, threshold, out=q).clamp_(min=0)  # the gate's excess (m² − αŝ)₊
+    q.div_(torch.add(q, s_col, alpha=gate.soft_lambda, out=persistent))  # row as scratch
     torch.mul(q, g2, out=qg2)
-    torch.sub(g2, s, out=loo)
-    torch.mul(w, loo, out=wloo)
     torch.mul(w, g2, out=wg2)
-    s_col.copy_(s)
+    torch.mul(w, s_col, out=ws)
     # A saturating count of closed evaluations in a row (uint8: one byte a coordinate).
-    closed = open_mask.logical_not()
-    closed_run.mul_(closed).add_(closed).clamp_(max=254)
-    persistent.copy_(closed_run >= gate.reservoir_evals)
-    pop_open.copy_(m2_population > gate.alpha_n * s_population)
-    counts = _layer_counts(bounds, g.dtype, g.device)
+    closed = torch.empty(n, dtype=torch.uint8, device=g.device)
+    torch.le(m2, threshold, out=closed)
+    closed_run.clamp_(max=253).add_(1).mul_(closed)
+    torch.ge(closed_run, gate.reservoir_evals, out=persistent)
+    floor = s if gate.alpha_n == 1 else gate.alpha_n * s
+    torch.gt(m2_population, floor, out=pop_open)
+    torch.mul(w, m2_population, out=wm2p)
 
-    # Layers are contiguous ranges: one sum per slice is far cheaper than a scatter.
-    per_layer_sums = torch.stack([cols[:, lo:hi].sum(dim=1) for lo, hi in bounds], dim=1)
-    total_sums = per_layer_sums.sum(dim=1)
+    # Layers are contiguous ranges: one sum per slice is far cheaper than a scatter or
+    # a matmul with a layer-indicator matrix.
+    sums = torch.stack([cols[:, lo:hi].sum(dim=1) for lo, hi in bounds], dim=1)
+    sums = torch.cat([sums, sums.sum(dim=1, keepdim=True)], dim=1)
 
-    def assemble(sums: torch.Tensor, count: torch.Tensor, gsnr: torch.Tensor) -> torch.Tensor:
-        (occ, soft, qg2_s, g2s, wloo_s, wg2_s, loo_s, ss, pop, pers) = sums
-        return torch.stack(
-            [
-                occ / count,
-                soft / count,
-                qg2_s / (g2s + _TINY),
-                wloo_s / (wg2_s + _TINY),
-                loo_s / (g2s + _TINY),
-                ss / (g2s + _TINY),
-                gsnr,
-                pop / count,
-                pers,
-            ]
-        )
-
-    snr = g2 / (batch_size * s + _TINY)
+    snr = torch.mul(s_col, batch_size, out=q)  # rows are free once summed
+    torch.div(g2, snr, out=snr)
     gsnr = torch.stack([_median_of(snr[lo:hi]) for lo, hi in bounds] + [_median_of(snr)])
-    # Layers and the overall column in one pass: each field is one kernel, not two.
-    both = assemble(
-        torch.cat([per_layer_sums, total_sums.unsqueeze(1)], dim=1),
-        torch.cat([counts, counts.sum().unsqueeze(0)]),
-        gsnr,
-    )
-    return both[:, :-1], both[:, -1]
+    ext = torch.cat([sums, _layer_counts(bounds, g.dtype, g.device), gsnr.unsqueeze(0)])
+    num, den = _coefficients(gate.alpha_n, g.dtype, g.device)
+    out = (num @ ext).div_((den @ ext).add_(_TINY))
+    nf = len(LAYER_FIELDS)
+    return out[:nf, :-1], out[:nf, -1], out[nf:, -1]
+
+
+def _coefficients(
+    alpha_n: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The numerator and denominator coefficient matrices (outputs × extended rows)."""
+    key = (alpha_n, dtype, device)
+    if key not in _COEFFICIENTS:
+        num = torch.zeros((len(_NUMERATOR), _ROWS + 3), dtype=torch.float64)
+        for i, row in enumerate(_NUMERATOR):
+            for j, c in row.items():
+                num[i, j] = c
+        num[-1, 5] = -alpha_n
+        den = torch.zeros_like(num)
+        den[torch.arange(len(_DENOMINATOR)), torch.tensor(_DENOMINATOR)] = 1.0
+        _COEFFICIENTS[key] = torch.stack([num, den]).to(dtype=dtype, device=device)
+    both = _COEFFICIENTS[key]
+    return both[0], both[1]
 
 
 MEDIAN_MAX = 4096
@@ -146,10 +164,13 @@ def _median_of(x: torch.Tensor) -> torch.Tensor:
 def _layer_counts(
     bounds: list[tuple[int, int]], dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """Coordinates per layer as a device tensor, made once per layout."""
+    """Two rows, made once per layout: the coordinates of each layer and of all of them,
+    and ones (the denominator of the fields that are plain counts)."""
     key = (tuple(bounds), dtype, device)
     if key not in _COUNTS:
-        _COUNTS[key] = torch.tensor([hi - lo for lo, hi in bounds], dtype=dtype, device=device)
+        sizes = [hi - lo for lo, hi in bounds]
+        sizes.append(sum(sizes))
+        _COUNTS[key] = torch.tensor([sizes, [1] * len(sizes)], dtype=dtype, device=device)
     return _COUNTS[key]
 
 

@@ -498,13 +498,13 @@ class Monitor:
         # One reduction: a NaN or Inf anywhere makes the sum non-finite.
         ok = torch.isfinite(g.sum()).to(self.dtype)
         self.nonfinite.add_(1 - ok)
-        g_clean = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        g_clean = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # g is our own copy
         # m̂ including this step, bias-corrected; used by the gate and the population gate.
-        m_hat = (beta * m_prev + (1 - beta) * g_clean) / (1 - beta ** (seen + 1))
+        m_hat = torch.lerp(m_prev, g_clean, 1 - beta).mul_(1 / (1 - beta ** (seen + 1)))
         if update:
-            d = g_clean - m_prev
-            weight = (1 - self.rho) * ok
-            self.s.mul_(1 - weight).add_(d * d * weight)
+            # s ← (1−w)s + w(g − m_{t−1})², with w = 0 on a non-finite step.
+            d = torch.sub(g_clean, m_prev)
+            self.s.lerp_(d.mul_(d), (1 - self.rho) * ok)
             if adam is None or not self.full_coverage:
                 self.m.lerp_(g_clean, (1 - beta) * ok)
             self.n_updates += 1
@@ -576,7 +576,7 @@ class Monitor:
         for its start, times (1+β)/2 because m_{t−1} carries noise of its own:
         E[(g − m)²] = σ²/b · 2/(1+β) for a stationary gradient."""
         start = 1 - self.rho ** max(self.n_updates, 1)
-        return self.s / start * ((1 + beta) / 2)
+        return self.s * ((1 + beta) / 2 / start)
 
     def _emit(
         self, step: int, g: torch.Tensor, m_hat: torch.Tensor, beta: float, adam: Any
@@ -598,17 +598,15 @@ class Monitor:
             self._w = self._step_scale(adam)
             self._w_kind = adam is not None
         w = self._w
-        per_layer, overall = st.layer_statistics(
-            g, s, m2, w, m_hat * m_hat, s, self.closed_run, self.bounds,
-            self.batch_size, self.gate,
-        )  # fmt: skip
-        m2_pop = m_hat * m_hat
+        m2_pop = m2 if exact is None else m_hat * m_hat
+        per_layer, overall, rates = st.layer_statistics(
+            g, s, m2, w, m2_pop, self.closed_run, self.bounds, self.batch_size, self.gate
+        )
         parts: dict[str, torch.Tensor] = {
             "overall": overall,
             "per_layer": per_layer.reshape(-1),
             "nonfinite": self.nonfinite.reshape(1),
-            # T = Σ w m̂² and Q = Σ w (m̂² − α_n ŝ): the rates of §4.5
-            "tq": torch.stack([(w * m2_pop).sum(), (w * (m2_pop - self.gate.alpha_n * s)).sum()]),
+            "tq": rates,  # T = Σ w m̂² and Q = Σ w (m̂² − α_n ŝ): the rates of §4.5
         }
         if with_hist:
             parts["hist"] = st.log_snr_histograms(g, s, self.bounds).reshape(-1)
@@ -628,7 +626,7 @@ class Monitor:
             self.snapshot = {"g": g.clone(), "s": s.clone(), "m2": m2.clone(), "w": w.clone()}
         names = list(parts)
         sizes = [parts[n].numel() for n in names]
-        flat = torch.cat([parts[n].to(torch.float64) for n in names]).tolist()  # the one transfer
+        flat = torch.cat([parts[n] for n in names]).tolist()  # the one transfer
         host: dict[str, list[float]] = {}
         offset = 0
         for n, size in zip(names, sizes, strict=True):

@@ -48,8 +48,13 @@ def test_layer_statistics_match_a_per_field_twin() -> None:
     gate = st.GateSettings(alpha=1.0, soft_lambda=0.7, alpha_n=0.3, reservoir_evals=2)
     closed = torch.zeros(n, dtype=torch.uint8)
     for _ in range(2):  # two closed evaluations in a row make a coordinate persistent
-        per_layer, overall = st.layer_statistics(g, s, m2, w, m2p, s, closed, bounds, 32, gate)
+        per_layer, overall, rates = st.layer_statistics(g, s, m2, w, m2p, closed, bounds, 32, gate)
     persistent = (m2 <= s).double()
+    torch.testing.assert_close(
+        rates,
+        torch.stack([(w * m2p).sum(), (w * (m2p - gate.alpha_n * s)).sum()]),
+        rtol=1e-12, atol=1e-12,
+    )  # fmt: skip
     want = _twin(g, s, m2, w, m2p, bounds, 32, gate, persistent)
     nl = len(bounds)
     for i, field in enumerate(st.LAYER_FIELDS):
