@@ -310,13 +310,14 @@ class Sender:
                 batches.append(self._queue.get(timeout=0.2))
                 # Linger a moment for more records: a delivery's fixed cost (touch ops, a
                 # pipeline round trip) is paid once per batch, and at one record a step it
-                # was most of the sender's CPU, which the training step competes for.
-                deadline = time.monotonic() + self._linger_s
+                # was most of the sender's CPU, which the training step competes for. It
+                # sleeps through the linger rather than waiting on the queue, which would
+                # wake it (and take the GIL from the training thread) on every record.
+                # A backlog (a full batch already queued) goes out without waiting.
+                if batches[-1] is not _STOP and self._queue.qsize() < self._batch_size - 1:
+                    time.sleep(self._linger_s)
                 while len(batches) < self._batch_size and batches[-1] is not _STOP:
-                    wait = deadline - time.monotonic()
-                    batches.append(
-                        self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-                    )
+                    batches.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
             ops: list[Op] = []
