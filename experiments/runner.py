@@ -32,6 +32,7 @@ class RunRecord:
     agent: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     noise: float = 0.0
+    seconds: float = 0.0  # wall time of the run, so a rerun can replace its share
 
     def test_min_step(self) -> int:
         """Step of the held-out loss minimum."""

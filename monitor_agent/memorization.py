@@ -98,9 +98,11 @@ class OnsetSettings:
     probe_every: int = 50
     # The signal score: M = clip(1 − E/signal_scale, 0, 1) on the median excess E over
     # the last signal_window steps; with θ_on 0.5 and θ_off 0.1 it fires at E ≤ 0.05 and
-    # clears at E ≥ 0.09. Chosen on one grokking run (experiments/REPORT.md).
+    # clears at E ≥ 0.09. The scale was chosen on one grokking run; the window was 200
+    # until two of three grokking seeds cleared for a moment on the plateau, where the
+    # excess oscillates around zero (experiments/REPORT.md).
     signal_scale: float = 0.1
-    signal_window: int = 200
+    signal_window: int = 400
 
 
 @dataclass

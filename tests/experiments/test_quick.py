@@ -49,8 +49,10 @@ def test_grokking_verdict_needs_an_alarm_on_the_plateau_and_a_clear_near_the_jum
     v = grokking_verdict(rec)
     assert (v["fitted"], v["rising"], v["jump"]) == (160, 3500, 4000)
     assert v["met"] and v["score"] == "signal"
+    assert v["settled"] == 3700 and v["settles_at_rise"]  # 3,700 is within 20 % of 3,500
     rec.events = events(("onset", 3600), ("cleared", 3900))  # fires after the plateau
     assert not grokking_verdict(rec)["fires_on_plateau"]
     rec.events = events(("onset", 200), ("cleared", 1000), ("onset", 1100))  # clears early
     v = grokking_verdict(rec)
     assert v["fires_on_plateau"] and not v["clears_at_jump"] and not v["met"]
+    assert v["settled"] is None and not v["settles_at_rise"]  # the alarm is on at the end
