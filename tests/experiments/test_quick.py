@@ -56,3 +56,4 @@ def test_grokking_verdict_needs_an_alarm_on_the_plateau_and_a_clear_near_the_jum
     v = grokking_verdict(rec)
     assert v["fires_on_plateau"] and not v["clears_at_jump"] and not v["met"]
     assert v["settled"] is None and not v["settles_at_rise"]  # the alarm is on at the end
+    assert v["blips"] == 1  # cleared at 1,000 and fired again at 1,100
