@@ -492,7 +492,8 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         lines.append(
             f"  How the signal window (the median's span, {DEFAULTS.signal_window} steps) was "
             "chosen: by replaying the signal excess recorded in two earlier live runs of "
-            "these five seeds through the onset rule. A 200-step median cleared for a moment "
+            "these five seeds through the onset rule (`python -m experiments.signal_window` "
+            "replays the runs above). A 200-step median cleared for a moment "
             "on the plateau in 4 of 8 replayed runs, 400 steps (the default then) in 1 of 10, "
             "800 in none of 8. There is no held-out check of that choice: the runs above "
             "reproduce the second of those runs step for step (the same machine), and the "

@@ -233,11 +233,17 @@ class MemorizationTracker:
         batch, before the optimizer step); returns its excess over the noise null."""
         null = null_occupancy(dof)
         excess = (occupancy - null) / (1 - null)
+        self.observe_excess(excess, step)
+        return excess
+
+    def observe_excess(self, excess: float, step: int) -> None:
+        """Feed a signal excess E (the share of coordinates open beyond chance, as published
+        in ``memorization/signal_excess``) of an emitted step; replays of recorded runs use
+        it directly."""
         if math.isfinite(excess):
             self.signal_excess.append((step, excess))
         while self.signal_excess and self.signal_excess[0][0] <= step - self.settings.signal_window:
             self.signal_excess.popleft()
-        return excess
 
     def signal_score(self) -> float:
         """M_signal = clip(1 − median(E)/signal_scale, 0, 1); 0 before any exact step."""

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from experiments.run_all import best_constant_step, grokking_verdict, main
 from experiments.runner import RunRecord
+from experiments.signal_window import replay
 
 
 def test_quick_experiments_write_a_report_with_figures(tmp_path: Path) -> None:
@@ -57,3 +58,23 @@ def test_grokking_verdict_needs_an_alarm_on_the_plateau_and_a_clear_near_the_jum
     assert v["fires_on_plateau"] and not v["clears_at_jump"] and not v["met"]
     assert v["settled"] is None and not v["settles_at_rise"]  # the alarm is on at the end
     assert v["blips"] == 1  # cleared at 1,000 and fired again at 1,100
+
+
+def test_signal_window_replay_rides_out_a_short_plateau_excursion_only_with_a_long_window() -> None:
+    rec = RunRecord("grok", "grokking")
+    rec.steps = list(range(0, 5001, 20))
+    rec.train_loss = [4.0 if s < 150 else 0.01 for s in rec.steps]
+    rec.test_acc = [0.3 if s < 3000 else 0.95 for s in rec.steps]
+    # Excess at chance on the plateau, a 300-step excursion at 1,000, signal from 3,000 on.
+    emitted = range(0, 5001, 10)
+    excess = [0.2 if 1000 <= s < 1300 or s >= 3000 else 0.0 for s in emitted]
+    rec.agent["memorization/signal_excess"] = list(zip(emitted, excess, strict=True))
+    short = [(e["kind"], e["step"]) for e in replay(rec, 200)]
+    assert [k for k, _ in short] == [
+        "memorization_onset", "memorization_cleared", "memorization_onset", "memorization_cleared"
+    ]  # fmt: skip
+    long = [(e["kind"], e["step"]) for e in replay(rec, 800)]
+    assert long[0] == ("memorization_onset", 200)
+    # The median over 800 steps passes 0.09 once more than half the window is signal.
+    assert [k for k, _ in long] == ["memorization_onset", "memorization_cleared"]
+    assert 3400 <= long[1][1] <= 3500
