@@ -38,6 +38,7 @@ class Ingestor:
         self.last_pass_at = 0.0
         self.last_error = ""
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         """Start the reader on the running event loop."""
@@ -45,6 +46,10 @@ class Ingestor:
 
     async def stop(self) -> None:
         """Cancel the reader and wait for it."""
+        # The flag ends the loop at its next turn even when a Redis call swallows the
+        # cancellation (redis-py has had such races); the app's shutdown then cannot
+        # wait forever on a task that keeps running.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -110,7 +115,7 @@ class Ingestor:
         return total
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 n = await self.pass_once()
                 self.passes += 1

@@ -89,6 +89,7 @@ class RollupWriter:
         self._groups: set[str] = set()
         self._last_retention = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         """Start the writer loop."""
@@ -96,13 +97,17 @@ class RollupWriter:
 
     async def stop(self) -> None:
         """Stop the writer loop."""
+        # The flag ends the loop at its next turn even when a Redis call swallows the
+        # cancellation (redis-py has had such races); the app's shutdown then cannot
+        # wait forever on a task that keeps running.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 n = await self.process_once()
                 if time.time() - self._last_retention > RETENTION_EVERY_S:
