@@ -97,9 +97,7 @@ class RollupWriter:
 
     async def stop(self) -> None:
         """Stop the writer loop."""
-        # The flag ends the loop at its next turn even when a Redis call swallows the
-        # cancellation (redis-py has had such races); the app's shutdown then cannot
-        # wait forever on a task that keeps running.
+        # The flag, as in Ingestor.stop: a swallowed cancellation must not keep it running.
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
