@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
@@ -21,6 +21,20 @@ from server.settings import Settings
 from server.store import Store
 
 log = logging.getLogger("channelscope.server")
+
+
+async def stop_within(stop: Awaitable[None], timeout_s: float) -> bool:
+    """Await a loop's stop() for at most timeout_s seconds; True when it finished in time.
+
+    Not ``asyncio.wait_for``: on timeout it cancels and then waits for the cancelled
+    awaitable to finish, which is forever for a stop() stuck on a task that swallows its
+    cancellation. Here the stop is cancelled and left behind."""
+    task = asyncio.ensure_future(stop)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if task in done:
+        return not task.cancelled() and task.exception() is None
+    task.cancel()
+    return False
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -59,9 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Background loops get a bounded time to stop (the notifier finishes a delivery
             # first), so shutdown never hangs on one.
             for stop in (rollups.stop(), alerts.stop(), ingestor.stop()):
-                try:
-                    await asyncio.wait_for(stop, timeout=10)
-                except (TimeoutError, asyncio.CancelledError):
+                if not await stop_within(stop, 10.0):
                     log.warning("a background task did not stop in time")
             await client.aclose()
             if embedded is not None:

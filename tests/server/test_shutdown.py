@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from server.app import stop_within
 from server.ingest import Ingestor
 from server.rollups import RollupWriter
 
@@ -54,3 +55,25 @@ def test_stop_ends_a_loop_whose_cancellation_is_swallowed(kind: str) -> None:
         return stopper in done
 
     assert asyncio.run(scenario()), "stop() waited on a loop that ignored its cancellation"
+
+
+def test_stop_within_gives_up_on_a_stop_that_never_ends() -> None:
+    async def stuck() -> None:
+        while True:  # failure injection: ignores every cancellation
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                continue
+
+    async def quick() -> None:
+        await asyncio.sleep(0)
+
+    async def scenario() -> tuple[bool, bool]:
+        gave_up = await asyncio.wait_for(stop_within(stuck(), 0.2), timeout=5)
+        finished = await stop_within(quick(), 1.0)
+        # The stuck coroutine's task is left running: end the test's loop without it.
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.get_coro().close()  # type: ignore[union-attr]
+        return gave_up, finished
+
+    assert asyncio.run(scenario()) == (False, True)
