@@ -1,16 +1,22 @@
-"""Replay the grokking runs' recorded signal excess through the onset rule at other windows.
+"""Replay the grokking runs' recorded signal excess through the onset rule at other windows
+and scales.
 
-The signal score's window (``OnsetSettings.signal_window``) was chosen this way: the excess
-each emitted step published does not depend on the window, so one recorded run answers for
-every window. Reads the records ``make experiments`` saved::
+The signal score's window and scale (``OnsetSettings.signal_window``, ``signal_scale``) were
+chosen this way: the excess each emitted step published does not depend on either, so one
+recorded run answers for every setting. Reads the records ``make experiments`` saved::
 
-    python -m experiments.signal_window [--records experiments/out/records.pkl] [200 400 800]
+    python -m experiments.signal_window [--records experiments/out/records.pkl]
+        [--scales 0.1,0.25] [--kind grokking] [200 400 800]
+
+It also prints, per run, the levels the scale was placed between: the highest median
+excess on the memorization plateau and the lowest once held-out accuracy has passed 90 %.
 """
 
 from __future__ import annotations
 
 import argparse
 import pickle
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,9 +27,11 @@ from experiments.runner import RunRecord
 from monitor_agent.memorization import MemorizationTracker
 
 
-def replay(rec: RunRecord, window: int) -> list[dict[str, Any]]:
-    """The alarm events the agent would have published with this signal window."""
-    settings = replace(DEFAULTS, score="signal", signal_window=window)
+def replay(
+    rec: RunRecord, window: int, scale: float = DEFAULTS.signal_scale
+) -> list[dict[str, Any]]:
+    """The alarm events the agent would have published with this signal window and scale."""
+    settings = replace(DEFAULTS, score="signal", signal_window=window, signal_scale=scale)
     tracker = MemorizationTracker(0.0, None, settings)
     events: list[dict[str, Any]] = []
     for step, excess in zip(*rec.series("memorization/signal_excess"), strict=True):
@@ -34,33 +42,69 @@ def replay(rec: RunRecord, window: int) -> list[dict[str, Any]]:
     return events
 
 
+def excess_levels(rec: RunRecord, window: int) -> tuple[float | None, float | None]:
+    """The highest median excess (over ``window`` steps ending at an emitted step) on the
+    plateau, from a window after the fit to held-out accuracy 50 %, and the lowest from a
+    window after held-out accuracy passed 90 %; None where the run has no such span."""
+    v = grokking_verdict(rec)
+    steps, excess = rec.series("memorization/signal_excess")
+    medians = []
+    for i, step in enumerate(steps):
+        inside = [
+            e for s, e in zip(steps[: i + 1], excess[: i + 1], strict=True) if s > step - window
+        ]
+        medians.append((step, statistics.median(inside)))
+    plateau_end = v["rising"] if v["rising"] is not None else steps[-1] + 1
+    plateau = [
+        m for s, m in medians if v["fitted"] is not None and v["fitted"] + window <= s < plateau_end
+    ]
+    after = [m for s, m in medians if v["jump"] is not None and s >= v["jump"] + window]
+    return (max(plateau) if plateau else None, min(after) if after else None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print, per window, each grokking run's replayed events and the verdicts over all."""
+    """Print, per scale and window, each grokking run's replayed events and the verdicts."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("windows", nargs="*", type=int, default=[200, 400, 600, 800])
     parser.add_argument("--records", default=str(Path(__file__).parent / "out" / "records.pkl"))
+    parser.add_argument(
+        "--scales",
+        type=lambda text: [float(x) for x in text.split(",")],
+        default=[DEFAULTS.signal_scale],
+        help="comma-separated signal scales (default: the agent's)",
+    )
+    parser.add_argument(
+        "--kind", default="grokking", help="grokking (seeds 0–4) or grokking-heldout (5–9)"
+    )
     args = parser.parse_args(argv)
     with open(args.records, "rb") as fh:
-        runs = [r for r in pickle.load(fh)["records"] if r.kind == "grokking"]
+        runs = [r for r in pickle.load(fh)["records"] if r.kind == args.kind]
     if not runs:
-        parser.error(f"{args.records}: no grokking runs")
-    for window in args.windows:
-        verdicts = []
-        print(f"signal window {window} steps")
-        for rec in runs:
-            events = replay(rec, window)
-            v = grokking_verdict(replace(rec, events=events))
-            verdicts.append(v)
-            history = ", ".join(f"{e['kind'].split('_')[1]} {e['step']}" for e in events)
+        parser.error(f"{args.records}: no {args.kind} runs")
+    print(f"median excess over {DEFAULTS.signal_window} steps: plateau max, after-90 % min")
+    for rec in runs:
+        high, low = excess_levels(rec, DEFAULTS.signal_window)
+        fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+        print(f"  {rec.name}: {fmt(high)}, {fmt(low)}")
+    for scale in args.scales:
+        for window in args.windows:
+            verdicts = []
+            print(f"signal scale {scale:g}, window {window} steps")
+            for rec in runs:
+                events = replay(rec, window, scale)
+                v = grokking_verdict(replace(rec, events=events))
+                verdicts.append(v)
+                history = ", ".join(f"{e['kind'].split('_')[1]} {e['step']}" for e in events)
+                print(
+                    f"  {rec.name}: {history or 'no alarm'} (held-out 50 % at "
+                    f"{v['rising'] or '—'}, 90 % at {v['jump'] or '—'}; target "
+                    f"{'met' if v['met'] else 'not met'})"
+                )
+            n = len(verdicts)
             print(
-                f"  {rec.name}: {history or 'no alarm'} (held-out 50 % at {v['rising'] or '—'}, "
-                f"90 % at {v['jump'] or '—'}; target {'met' if v['met'] else 'not met'})"
+                f"  target met {sum(v['met'] for v in verdicts)}/{n}; cleared for a moment and "
+                f"fired again in {sum(v['blips'] > 0 for v in verdicts)}/{n}"
             )
-        n = len(verdicts)
-        print(
-            f"  target met {sum(v['met'] for v in verdicts)}/{n}; cleared for a moment and "
-            f"fired again in {sum(v['blips'] > 0 for v in verdicts)}/{n}"
-        )
     return 0
 
 

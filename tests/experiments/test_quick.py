@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.run_all import best_constant_step, grokking_verdict, main
+from experiments.run_all import _grokking_lines, best_constant_step, grokking_verdict, main
 from experiments.runner import RunRecord
-from experiments.signal_window import replay
+from experiments.signal_window import excess_levels, replay
 
 
 def test_quick_experiments_write_a_report_with_figures(tmp_path: Path) -> None:
@@ -67,7 +67,7 @@ def test_signal_window_replay_rides_out_a_short_plateau_excursion_only_with_a_lo
     rec.test_acc = [0.3 if s < 3000 else 0.95 for s in rec.steps]
     # Excess at chance on the plateau, a 300-step excursion at 1,000, signal from 3,000 on.
     emitted = range(0, 5001, 10)
-    excess = [0.2 if 1000 <= s < 1300 or s >= 3000 else 0.0 for s in emitted]
+    excess = [0.4 if 1000 <= s < 1300 or s >= 3000 else 0.0 for s in emitted]
     rec.agent["memorization/signal_excess"] = list(zip(emitted, excess, strict=True))
     short = [(e["kind"], e["step"]) for e in replay(rec, 200)]
     assert [k for k, _ in short] == [
@@ -75,6 +75,31 @@ def test_signal_window_replay_rides_out_a_short_plateau_excursion_only_with_a_lo
     ]  # fmt: skip
     long = [(e["kind"], e["step"]) for e in replay(rec, 800)]
     assert long[0] == ("memorization_onset", 200)
-    # The median over 800 steps passes 0.09 once more than half the window is signal.
+    # The median over 800 steps passes 0.225 once more than half the window is signal.
     assert [k for k, _ in long] == ["memorization_onset", "memorization_cleared"]
     assert 3400 <= long[1][1] <= 3500
+
+
+def test_grokking_report_counts_runs_that_never_pass_90_percent_apart() -> None:
+    rec = RunRecord("grok never", "grokking-heldout")
+    rec.steps = list(range(0, 3001, 20))
+    rec.train_loss = [4.0 if s < 150 else 0.01 for s in rec.steps]
+    rec.test_acc = [0.3 if s < 2000 else 0.6 for s in rec.steps]  # never reaches 90 %
+    rec.events = [{"kind": "memorization_onset", "step": 200, "data": {"score_kind": "signal"}}]
+    lines = _grokking_lines([rec], "held-out seeds")
+    summary = lines[-1]
+    assert "**0/1** (0/0 of the runs whose held-out accuracy passed 90 %" in summary
+    assert "never passed 90 % in 1 run(s); the alarm was still on at the end in 1" in summary
+
+
+def test_excess_levels_are_the_plateau_high_and_the_generalized_low() -> None:
+    rec = RunRecord("grok", "grokking")
+    rec.steps = list(range(0, 6001, 20))
+    rec.train_loss = [4.0 if s < 150 else 0.01 for s in rec.steps]  # fitted at 160
+    rec.test_acc = [0.3 if s < 3000 else 0.95 for s in rec.steps]  # 50 % and 90 % at 3,000
+    emitted = range(0, 6001, 10)
+    excess = [0.05 if s < 3000 else 0.4 for s in emitted]
+    excess[100] = 0.9  # one spike on the plateau (step 1,000) does not move an 800-step median
+    rec.agent["memorization/signal_excess"] = list(zip(emitted, excess, strict=True))
+    high, low = excess_levels(rec, 800)
+    assert high == 0.05 and low == 0.4
