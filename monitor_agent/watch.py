@@ -496,9 +496,19 @@ class Monitor:
         adam = self._adam_state()
         m_prev, beta, seen = self._first_moment(adam)
         # One reduction: a NaN or Inf anywhere makes the sum non-finite.
-        ok = torch.isfinite(g.sum()).to(self.dtype)
-        self.nonfinite.add_(1 - ok)
-        g_clean = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # g is our own copy
+        ok: torch.Tensor | float
+        if g.device.type == "cpu":
+            # Reading a CPU value costs no device sync: a finite step (nearly all of
+            # them) then skips the kernels that mask a non-finite one.
+            ok = 1.0 if math.isfinite(float(g.sum())) else 0.0
+            if not ok:
+                self.nonfinite.add_(1)
+                g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        else:
+            ok = torch.isfinite(g.sum()).to(self.dtype)
+            self.nonfinite.add_(1 - ok)
+            g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        g_clean = g  # g is our own copy, finite now
         # m̂ including this step, bias-corrected; used by the gate and the population gate.
         m_hat = torch.lerp(m_prev, g_clean, 1 - beta).mul_(1 / (1 - beta ** (seen + 1)))
         if update:

@@ -164,7 +164,8 @@ def _check_scalars(rec: Mapping[str, Any]) -> None:
     for name, value in values.items():
         if not isinstance(name, str):
             raise MalformedRecord("scalar names must be strings")
-        _finite_or_none(value)
+        if type(value) is not float:  # the common case first: this runs on every record
+            _finite_or_none(value)
 
 
 def _check_layers(rec: Mapping[str, Any]) -> None:
@@ -174,7 +175,8 @@ def _check_layers(rec: Mapping[str, Any]) -> None:
         if not isinstance(name, str) or not isinstance(vec, list):
             raise MalformedRecord("layer series must map names to lists")
         for x in vec:
-            _finite_or_none(x)
+            if type(x) is not float:
+                _finite_or_none(x)
 
 
 def _check_hist(rec: Mapping[str, Any]) -> None:
