@@ -644,9 +644,10 @@ def main(argv: list[str] | None = None) -> int:
         kept = [r for r in saved["records"] if r.kind != args.rerun]
         replaced = [r for r in saved["records"] if r.kind == args.rerun]
         records = kept + records
-        # A repeated rerun of the same kind replaces the earlier one: name it once.
-        earlier = saved["command"].replace(f"`, then `{command}", "")
-        command = f"{earlier}`, then `{command}"
+        # A repeated rerun of the same kind replaces the earlier one: name it once (whole
+        # commands compare: `--rerun grokking` must not match `--rerun grokking-heldout`).
+        earlier = [c for c in saved["command"].split("`, then `") if c != command]
+        command = "`, then `".join([*earlier, command])
         # The replaced runs' time goes out with them (records saved before runs carried
         # their own time count 0, so such a total still includes them).
         seconds += saved["seconds"] - sum(r.seconds for r in replaced)
