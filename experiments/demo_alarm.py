@@ -16,39 +16,30 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-import redis
 import torch
 
 import monitor_agent as cs
 from experiments.run_all import DEFAULTS, grokking_verdict
-from experiments.runner import RunRecord
+from experiments.runner import RunRecord, read_back
 from experiments.signal_window import replay
-from monitor_agent import demo, wire
+from monitor_agent import demo
 from server.embedded_redis import EmbeddedRedis
 
 
-def read_back(url: str, run: cs.Run, name: str) -> RunRecord:
-    """The run's logged curves and alarm events, as the experiments record them."""
+def demo_record(url: str, run: cs.Run, name: str) -> RunRecord:
+    """The run's logged curves and the agent's series and alarm events."""
     rec = RunRecord(name, "demo")
-    client = redis.Redis.from_url(url)
-    try:
-        for _, fields in client.xrange(run.keys.stream(run.id, "scalars")):
-            r = wire.decode("scalars", fields)
-            excess = r["s"].get("memorization/signal_excess")
-            if excess is not None:
-                rec.agent.setdefault("memorization/signal_excess", []).append((r["step"], excess))
-            if "val/acc" in r["s"] and "train/loss" in r["s"]:
-                rec.steps.append(r["step"])
-                rec.test_acc.append(r["s"]["val/acc"])
-                rec.test_loss.append(r["s"]["val/loss"])
-                rec.train_loss.append(r["s"]["train/loss"])
-        for _, fields in client.xrange(run.keys.stream(run.id, "events")):
-            ev = wire.decode("events", fields)
-            if ev["kind"].startswith("memorization"):
-                rec.events.append(ev)
-    finally:
-        client.close()
+
+    def curves(r: dict[str, Any]) -> None:
+        if "val/acc" in r["s"] and "train/loss" in r["s"]:
+            rec.steps.append(r["step"])
+            rec.test_acc.append(r["s"]["val/acc"])
+            rec.test_loss.append(r["s"]["val/loss"])
+            rec.train_loss.append(r["s"]["train/loss"])
+
+    read_back(url, run, rec, curves)
     return rec
 
 
@@ -70,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with cs.init("experiments", "demo alarm", redis_url=server.url) as run:
             demo.train(run, steps=args.steps, seed=args.seed)
-        rec = read_back(server.url, run, f"demo seed={args.seed}")
+        rec = demo_record(server.url, run, f"demo seed={args.seed}")
     finally:
         server.stop()
     v = grokking_verdict(rec)

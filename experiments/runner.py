@@ -4,6 +4,7 @@ ground truth (which the agent never sees), and baseline statistics on the same r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,10 +128,24 @@ def run_task(
             task.optimizer.step()
             task.optimizer.zero_grad(set_to_none=True)
             run.log({"train/loss": loss.item()}, step)
+    read_back(redis_url, run, rec)
+    return rec
+
+
+def read_back(
+    redis_url: str,
+    run: cs.Run,
+    rec: RunRecord,
+    scalars: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Fill ``rec`` with the agent's series and alarm events as a finished run left them in
+    Redis; ``scalars`` also sees every scalars record (curves the script logged itself)."""
     client = redis.Redis.from_url(redis_url)
     try:
         for _, fields in client.xrange(run.keys.stream(run.id, "scalars")):
             r = wire.decode("scalars", fields)
+            if scalars is not None:
+                scalars(r)
             for name, value in r["s"].items():
                 if name.startswith(("memorization/", "signal/", "spectrum/")) and math.isfinite(
                     value
@@ -142,4 +157,3 @@ def run_task(
                 rec.events.append(ev)
     finally:
         client.close()
-    return rec
