@@ -5,7 +5,7 @@ Trains ``monitor_agent.demo.train`` (modular addition, 40 % of the pairs, 4,000 
 steps) with the agent writing to an embedded Redis, reads back what the dashboard would show
 (the alarm events and the logged ``val/acc`` and ``train/loss``), and prints the verdict::
 
-    python -m experiments.demo_alarm [--steps 4000] [--seed 0]
+    python -m experiments.demo_alarm [--steps 4000] [--seed 0] [--scales 0.1,0.25]
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ def demo_record(url: str, run: cs.Run, name: str) -> RunRecord:
     return rec
 
 
+def _history(events: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{e['kind'].removeprefix('memorization_')} {e['step']}" for e in events)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train the demo's run once and print its alarm against held-out accuracy."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     v = grokking_verdict(rec)
-    history = ", ".join(
-        f"{e['kind'].removeprefix('memorization_')} {e['step']}" for e in rec.events
-    )
+    history = _history(rec.events)
     print(
         f"{rec.name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s; alarm: "
         f"{history or 'none'}; training set fitted at {v['fitted']}, held-out accuracy 50 % at "
@@ -76,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for scale in args.scales:
         events = replay(rec, DEFAULTS.signal_window, scale)
         v = grokking_verdict(replace(rec, events=events))
-        history = ", ".join(
-            f"{e['kind'].removeprefix('memorization_')} {e['step']}" for e in events
-        )
+        history = _history(events)
         print(
             f"  replayed at signal scale {scale:g}: {history or 'none'}; target "
             f"{'met' if v['met'] else 'not met'}"
