@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from experiments.runner import RunRecord, run_task
-from experiments.tasks import digits_label_noise, fresh_data, grokking
+from experiments.tasks import digits_full_batch, digits_label_noise, fresh_data, grokking
 from monitor_agent.memorization import (
     MemorizationTracker,
     OnsetRule,
@@ -61,6 +61,12 @@ VALIDATION_SEEDS = [3, 4, 5, 6, 7]
 # Five more grokking runs would take `make experiments` past its hour on two cores, so they
 # run on their own: `python -m experiments.run_all --rerun grokking-heldout`.
 GROK_HELDOUT_SEEDS = [5, 6, 7, 8, 9]
+# Full-batch clean-label digits: the signal score's control (the controls above all train on
+# mini-batches, where the tail score is used). Outside the default plan for its hour, too:
+# `python -m experiments.run_all --rerun fullbatch-clean`.
+FULLBATCH_SEEDS = [0, 1, 2]
+# Kinds that only `--rerun KIND` runs; the report times them apart from the default plan.
+EXTRA_KINDS = ("grokking-heldout", "fullbatch-clean")
 # The label-noise runs by how they bear on the default: report label -> RunRecord.kind.
 GROUPS = {
     "seeds 0–2 (the default was chosen on these)": "digits",
@@ -353,9 +359,10 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     # Runs outside the default plan (its hour's budget) are timed apart from it.
-    extra = sum(r.seconds for r in records if r.kind == "grokking-heldout")
+    extra = sum(r.seconds for r in records if r.kind in EXTRA_KINDS)
     extra_note = (
-        f" for the default plan, plus {extra / 60:.1f} min for the held-out grokking runs"
+        f" for the default plan, plus {extra / 60:.1f} min for the runs outside it "
+        f"({', '.join(EXTRA_KINDS)})"
         if extra
         else ""
     )
@@ -513,6 +520,27 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         f"* Clean-label and fresh-data runs with no alarm in ≥ 90 %: {silent}/{len(controls_all)} — "
         f"**{'met' if s_rate is not None and s_rate >= 0.9 else 'not met'}**.",
     ]
+    fullbatch = [r for r, _, _, _ in per_run if r.kind == "fullbatch-clean"]
+    if fullbatch:
+        quiet = sum(alarm[id(r)] is None for r in fullbatch)
+        lines.append(
+            f"* Full-batch clean-label runs (the signal score's control, outside the default "
+            f"plan: `python -m experiments.run_all --rerun fullbatch-clean`) with no alarm: "
+            f"{quiet}/{len(fullbatch)} ("
+            + "; ".join(
+                f"{r.name}: "
+                + (
+                    ", ".join(
+                        f"{e['kind'].removeprefix('memorization_')} at {e['step']}"
+                        for e in r.events
+                    )
+                    or "no alarm"
+                )
+                + f", held-out loss minimum at {r.test_min_step()}"
+                for r in fullbatch
+            )
+            + ")."
+        )
     grok = [r for r, _, _, _ in per_run if r.kind == "grokking"]
     heldout = [r for r, _, _, _ in per_run if r.kind == "grokking-heldout"]
     lines += _grokking_lines(
@@ -571,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rerun", default=None, metavar="KIND",
         help="run only the runs of one kind (digits, digits-validation, digits-timescale, "
-        "fresh, grokking, grokking-heldout: seeds 5–9, not part of the default plan) and "
+        "fresh, grokking; outside the default plan: grokking-heldout, seeds 5–9, and "
+        "fullbatch-clean) and "
         "replace them in out/records.pkl; the report lists both commands",
     )  # fmt: skip
     args = parser.parse_args(argv)
@@ -618,6 +647,11 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append((f"grokking {seed}", "grokking", lambda s=seed: run_task(
             grokking(s), "grokking", plan.grok_steps, redis.url, eval_every=20,
             estimator="per_example")))  # fmt: skip
+    if args.rerun == "fullbatch-clean":
+        for seed in FULLBATCH_SEEDS:
+            jobs.append((f"digits full batch {seed}", "fullbatch-clean", lambda s=seed: run_task(
+                digits_full_batch(s), "fullbatch-clean", FULL.steps, redis.url, eval_every=20,
+                estimator="per_example")))  # fmt: skip
     if args.rerun == "grokking-heldout":
         for seed in GROK_HELDOUT_SEEDS:
             jobs.append((f"grokking {seed}", "grokking-heldout", lambda s=seed: run_task(

@@ -6,7 +6,7 @@ Data ship inside packages (scikit-learn's digits) or are generated; nothing down
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from sklearn.datasets import load_digits
@@ -81,6 +81,20 @@ def digits_label_noise(
     name = f"digits noise={noise:.0%} seed={seed}" + (f" lr={lr:g}" if lr != DIGITS_LR else "")
     return Task(name, model, opt, batch, tx, ty, vx, vy,
                 batch_size, n_train, flip)  # fmt: skip
+
+
+def digits_full_batch(seed: int, n_train: int = 1000) -> Task:
+    """The clean-label digits task trained on its whole training set every step: with an
+    exact estimator the agent's default memorization score is then the signal score."""
+    task = digits_label_noise(0.0, seed, n_train=n_train, batch_size=n_train)
+    assert task.train_x is not None and task.train_y is not None
+    whole = (task.train_x, task.train_y)
+    return replace(
+        task,
+        name=f"digits full batch seed={seed}",
+        batch=lambda _step: whole,
+        noisy=None,
+    )
 
 
 def fresh_data(seed: int, batch_size: int = 64) -> Task:

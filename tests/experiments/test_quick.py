@@ -2,9 +2,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from experiments.run_all import _grokking_lines, best_constant_step, grokking_verdict, main
 from experiments.runner import RunRecord
 from experiments.signal_window import excess_levels, replay
+from experiments.tasks import digits_full_batch
 
 
 def test_quick_experiments_write_a_report_with_figures(tmp_path: Path) -> None:
@@ -103,3 +106,13 @@ def test_excess_levels_are_the_plateau_high_and_the_generalized_low() -> None:
     rec.agent["memorization/signal_excess"] = list(zip(emitted, excess, strict=True))
     high, low = excess_levels(rec, 800)
     assert high == 0.05 and low == 0.4
+
+
+def test_full_batch_digits_trains_on_the_whole_clean_training_set_every_step() -> None:
+    task = digits_full_batch(seed=0, n_train=300)
+    x0, y0 = task.batch(0)
+    x1, _ = task.batch(1)
+    assert task.train_x is not None and task.train_y is not None
+    assert x0.shape[0] == task.batch_size == task.dataset_size == 300
+    assert x0 is x1 and torch.equal(y0, task.train_y)
+    assert task.noisy is None and "full batch" in task.name
