@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import monitor_agent as cs
-from experiments.run_all import DEFAULTS, grokking_verdict
+from experiments.run_all import DEFAULTS, alarm_history, grokking_verdict
 from experiments.runner import RunRecord, read_back
 from experiments.signal_window import replay
 from monitor_agent import demo
@@ -41,10 +41,6 @@ def demo_record(url: str, run: cs.Run, name: str) -> RunRecord:
 
     read_back(url, run, rec, curves)
     return rec
-
-
-def _history(events: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{e['kind'].removeprefix('memorization_')} {e['step']}" for e in events)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     v = grokking_verdict(rec)
-    history = _history(rec.events)
+    history = alarm_history(rec.events)
     print(
         f"{rec.name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s; alarm: "
         f"{history or 'none'}; training set fitted at {v['fitted']}, held-out accuracy 50 % at "
@@ -78,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for scale in args.scales:
         events = replay(rec, DEFAULTS.signal_window, scale)
         v = grokking_verdict(replace(rec, events=events))
-        history = _history(events)
+        history = alarm_history(events)
         print(
             f"  replayed at signal scale {scale:g}: {history or 'none'}; target "
             f"{'met' if v['met'] else 'not met'}"

@@ -230,6 +230,11 @@ def grokking_verdict(rec: RunRecord) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def alarm_history(events: list[dict[str, Any]]) -> str:
+    """A run's alarm events in order, as "onset at 200, cleared at 3880"."""
+    return ", ".join(f"{e['kind'].removeprefix('memorization_')} at {e['step']}" for e in events)
+
+
 def _grokking_lines(runs: list[RunRecord], label: str) -> list[str]:
     """The grokking target per run and over a group of runs, as report lines."""
     if not runs:
@@ -237,9 +242,7 @@ def _grokking_lines(runs: list[RunRecord], label: str) -> list[str]:
     lines = []
     verdicts = [grokking_verdict(r) for r in runs]
     for r, v in zip(runs, verdicts, strict=True):
-        history = ", ".join(
-            f"{e['kind'].removeprefix('memorization_')} at {e['step']}" for e in r.events
-        )
+        history = alarm_history(r.events)
         lines.append(
             f"* Grokking ({r.name}, score: {v['score']}): the training set is fitted (loss ≤ "
             f"{GROK_FITTED}) at step {_fmt(v['fitted'])} and held-out accuracy passes 50 % at "
@@ -529,13 +532,7 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
             f"{quiet}/{len(fullbatch)} ("
             + "; ".join(
                 f"{r.name}: "
-                + (
-                    ", ".join(
-                        f"{e['kind'].removeprefix('memorization_')} at {e['step']}"
-                        for e in r.events
-                    )
-                    or "no alarm"
-                )
+                + (alarm_history(r.events) or "no alarm")
                 + f", held-out loss minimum at {r.test_min_step()}"
                 for r in fullbatch
             )
