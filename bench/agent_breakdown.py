@@ -20,12 +20,8 @@ Results go to bench/results/agent_breakdown.md (or --out).
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import monitor_agent as cs
-from bench.peers import plain_step
-from bench.workloads import WORKLOADS, Workload
+from bench.agent_overhead import bench_workload
+from bench.workloads import WORKLOADS
 from server.embedded_redis import EmbeddedRedis
 
 STREAMING = {"noise": "streaming", "budget": None}
@@ -48,45 +44,10 @@ PARTS: dict[str, dict[str, Any] | None] = {
 }
 
 
-def breakdown(w: Workload, rounds: int, steps: int, redis_url: str) -> dict[str, Any]:
-    """Median ratio to the plain step of each configuration, and the plain step (s)."""
-    torch.manual_seed(0)
-    base = w.make()
-    x, y = w.batch(torch.device("cpu"))
-    setups: dict[str, Callable[[], None]] = {}
-    runs = []
-    for name, kwargs in PARTS.items():
-        model = copy.deepcopy(base)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        if kwargs is not None:
-            run = cs.init("bench", f"{w.name} {name}", redis_url=redis_url)
-            run.watch(model, opt, batch_size=w.batch_size, dataset_size=50_000, **kwargs)
-            if name == "update + statistics":
-                # Everything up to the host transfer, nothing handed to the sender.
-                run._monitor._publish = lambda *args: None
-            runs.append(run)
-        setups[name] = plain_step(model, opt, x, y)
-
-    def train(name: str, n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            setups[name]()
-        return (time.perf_counter() - t0) / n
-
-    for name in setups:
-        train(name, 100)
-    times: dict[str, list[float]] = {name: [] for name in setups}
-    for _ in range(rounds):
-        for name in setups:
-            times[name].append(train(name, steps))
-    for run in runs:
-        run.finish()
-    plain = times["no monitoring"]
-    ratios = {
-        name: statistics.median(t / b for t, b in zip(ts, plain, strict=True))
-        for name, ts in times.items()
-    }
-    return {"step_s": statistics.median(plain), "ratios": ratios}
+def _no_publish(name: str, run: cs.Run) -> None:
+    if name == "update + statistics":
+        # Everything up to the host transfer, nothing handed to the sender.
+        run._monitor._publish = lambda *args: None
 
 
 def main() -> None:
@@ -105,7 +66,11 @@ def main() -> None:
     try:
         for w in WORKLOADS:
             if args.only in w.name and "transformer" not in w.name:
-                results.append((w, breakdown(w, args.rounds, args.steps, redis.url)))
+                res = bench_workload(
+                    w, args.rounds, args.steps, torch.device("cpu"), redis.url,
+                    configs=PARTS, prepare=_no_publish,
+                )  # fmt: skip
+                results.append((w, res))
                 print(w.name, results[-1][1], flush=True)
     finally:
         redis.stop()
@@ -124,7 +89,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for w, res in results:
-        step_ms = res["step_s"] * 1e3
+        step_ms = res["step_ms"]
         previous = 0.0
         for name, ratio in res["ratios"].items():
             added = (ratio - 1) * step_ms

@@ -66,12 +66,17 @@ def bench_workload(
     redis_url: str,
     warmup: int = 100,
     with_peers: bool = False,
+    configs: dict[str, dict[str, Any] | None] | None = None,
+    prepare: Callable[[str, cs.Run], None] | None = None,
 ) -> dict[str, Any]:
+    """Interleaved step times of each configuration ("no monitoring" is the baseline);
+    ``prepare`` gets each watched run before timing (bench/agent_breakdown.py)."""
     torch.manual_seed(0)
     base = w.make().to(device)
     x, y = w.batch(device)
     setups: dict[str, tuple[Callable[[], None], Any]] = {}
-    configs = {**CONFIGS, **(EQUAL_CADENCE if with_peers else {})}
+    if configs is None:
+        configs = {**CONFIGS, **(EQUAL_CADENCE if with_peers else {})}
     for name, kwargs in configs.items():
         model = copy.deepcopy(base)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -79,6 +84,8 @@ def bench_workload(
         if kwargs is not None:
             run = cs.init("bench", f"{w.name} {name}", redis_url=redis_url)
             run.watch(model, opt, batch_size=w.batch_size, dataset_size=50_000, **kwargs)
+            if prepare is not None:
+                prepare(name, run)
         setups[name] = (plain_step(model, opt, x, y), run)
     skipped: dict[str, str] = {}
     for name, make in PEERS.items() if with_peers else []:

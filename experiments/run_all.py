@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from experiments.runner import RunRecord, run_task
-from experiments.tasks import digits_full_batch, digits_label_noise, fresh_data, grokking
+from experiments.tasks import Task, digits_full_batch, digits_label_noise, fresh_data, grokking
 from monitor_agent.memorization import (
     MemorizationTracker,
     OnsetRule,
@@ -640,20 +640,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     # Full batch: the exact per-example estimator sees the whole training set every step,
     # and the agent's default score is then the signal score (DESIGN §4.5, docs/concepts.md).
-    for seed in plan.grok_seeds:
-        jobs.append((f"grokking {seed}", "grokking", lambda s=seed: run_task(
-            grokking(s), "grokking", plan.grok_steps, redis.url, eval_every=20,
-            estimator="per_example")))  # fmt: skip
-    if args.rerun == "fullbatch-clean":
-        for seed in FULLBATCH_SEEDS:
-            jobs.append((f"digits full batch {seed}", "fullbatch-clean", lambda s=seed: run_task(
-                digits_full_batch(s), "fullbatch-clean", FULL.steps, redis.url, eval_every=20,
-                estimator="per_example")))  # fmt: skip
-    if args.rerun == "grokking-heldout":
-        for seed in GROK_HELDOUT_SEEDS:
-            jobs.append((f"grokking {seed}", "grokking-heldout", lambda s=seed: run_task(
-                grokking(s), "grokking-heldout", FULL.grok_steps, redis.url, eval_every=20,
-                estimator="per_example")))  # fmt: skip
+    full_batch: list[tuple[str, list[int], Callable[[int], Task], int]] = [
+        ("grokking", plan.grok_seeds, grokking, plan.grok_steps)
+    ]
+    if args.rerun in EXTRA_KINDS:  # outside the default plan: only when named
+        full_batch += [
+            ("grokking-heldout", GROK_HELDOUT_SEEDS, grokking, FULL.grok_steps),
+            ("fullbatch-clean", FULLBATCH_SEEDS, digits_full_batch, FULL.steps),
+        ]
+    for kind, kind_seeds, make, steps in full_batch:
+        for seed in kind_seeds:
+            jobs.append((f"{kind} {seed}", kind, lambda m=make, s=seed, k=kind, n=steps: run_task(
+                m(s), k, n, redis.url, eval_every=20, estimator="per_example")))  # fmt: skip
     if args.rerun:
         jobs = [(label, kind, job) for label, kind, job in jobs if kind == args.rerun]
         if not jobs:

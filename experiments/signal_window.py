@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from experiments.run_all import DEFAULTS, grokking_verdict
+from experiments.run_all import DEFAULTS, _fmt, grokking_verdict
 from experiments.runner import RunRecord
 from monitor_agent.memorization import MemorizationTracker
 
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median excess over {DEFAULTS.signal_window} steps: plateau max, after-90 % min")
     for rec in runs:
         high, low = excess_levels(rec, DEFAULTS.signal_window)
-        fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
-        print(f"  {rec.name}: {fmt(high)}, {fmt(low)}")
+        print(f"  {rec.name}: {_fmt(high, 3)}, {_fmt(low, 3)}")
     for scale in args.scales:
         for window in args.windows:
             verdicts = []

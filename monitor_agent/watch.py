@@ -501,25 +501,22 @@ class Monitor:
             # Reading a CPU value costs no device sync: a finite step (nearly all of
             # them) then skips the kernels that mask a non-finite one.
             ok = 1.0 if math.isfinite(float(g.sum())) else 0.0
-            if not ok:
-                self.nonfinite.add_(1)
-                g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         else:
             ok = torch.isfinite(g.sum()).to(self.dtype)
+        if not isinstance(ok, float) or ok == 0.0:
             self.nonfinite.add_(1 - ok)
-            g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        g_clean = g  # g is our own copy, finite now
+            g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # g is our own copy
         # m̂ including this step, bias-corrected; used by the gate and the population gate.
-        m_hat = torch.lerp(m_prev, g_clean, 1 - beta).mul_(1 / (1 - beta ** (seen + 1)))
+        m_hat = torch.lerp(m_prev, g, 1 - beta).mul_(1 / (1 - beta ** (seen + 1)))
         if update:
             # s ← (1−w)s + w(g − m_{t−1})², with w = 0 on a non-finite step.
-            d = torch.sub(g_clean, m_prev)
+            d = torch.sub(g, m_prev)
             self.s.lerp_(d.mul_(d), (1 - self.rho) * ok)
             if adam is None or not self.full_coverage:
-                self.m.lerp_(g_clean, (1 - beta) * ok)
+                self.m.lerp_(g, (1 - beta) * ok)
             self.n_updates += 1
         if emit:
-            self._emit(step, g_clean, m_hat, beta, adam)
+            self._emit(step, g, m_hat, beta, adam)
         self._reset_captures(step)
 
     def _preconditioner(self) -> dict[str, torch.Tensor] | None:

@@ -57,9 +57,13 @@ def test_stop_ends_a_loop_whose_cancellation_is_swallowed(kind: str) -> None:
     assert asyncio.run(scenario()), "stop() waited on a loop that ignored its cancellation"
 
 
-def test_stop_within_gives_up_on_a_stop_that_never_ends() -> None:
-    async def stuck() -> None:
-        while True:  # failure injection: ignores every cancellation
+def test_stop_within_gives_up_on_a_stop_that_ignores_its_cancellation() -> None:
+    async def stuck(release_after_s: float) -> None:
+        # Failure injection: ignores every cancellation until release_after_s has passed
+        # (bounded, so a stop_within that waits for it fails instead of hanging).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + release_after_s
+        while loop.time() < deadline:
             try:
                 await asyncio.sleep(0.01)
             except asyncio.CancelledError:
@@ -68,12 +72,13 @@ def test_stop_within_gives_up_on_a_stop_that_never_ends() -> None:
     async def quick() -> None:
         await asyncio.sleep(0)
 
-    async def scenario() -> tuple[bool, bool]:
-        gave_up = await asyncio.wait_for(stop_within(stuck(), 0.2), timeout=5)
+    async def scenario() -> tuple[bool, bool, bool]:
+        gave_up = await stop_within(stuck(2.0), 0.2)
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        # Left behind: still running, not waited for after its cancellation.
+        left_behind = len(others) == 1 and not any(t.done() for t in others)
+        await asyncio.gather(*others)
         finished = await stop_within(quick(), 1.0)
-        # The stuck coroutine's task is left running: end the test's loop without it.
-        for task in asyncio.all_tasks() - {asyncio.current_task()}:
-            task.get_coro().close()  # type: ignore[union-attr]
-        return gave_up, finished
+        return gave_up, left_behind, finished
 
-    assert asyncio.run(scenario()) == (False, True)
+    assert asyncio.run(scenario()) == (False, True, True)
