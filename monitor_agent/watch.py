@@ -88,6 +88,36 @@ def _coordinate_sample(
     return slice(rng.randrange(stride), n, stride)
 
 
+def _model_sample(
+    shapes: list[torch.Size], fraction: float, min_coords: int, dtype: torch.dtype, seed: int
+) -> list[slice | None]:
+    """Each tensor's coordinate sample, thinned so that a sampled model's state fits in one
+    parameter-sized buffer of the parameters' dtype.
+
+    A sample needs its own first moment (Adam's exp_avg serves only full coverage), so it
+    costs two floats and a byte per sampled coordinate: on a model of many tensors near
+    ``min_coords`` (a small CNN) the per-tensor floor alone would cover most coordinates
+    and cost ~1.5 buffers. Full coverage (``fraction=1``, or every tensor under the floor)
+    is kept as it is."""
+    if fraction >= 1:
+        return [None] * len(shapes)
+    total = sum(math.prod(s) for s in shapes)
+    width = torch.finfo(dtype).bits // 8
+    cap = total * width // (2 * width + 1)
+    scale = 1.0
+    while True:
+        rng = random.Random(seed)
+        floor = max(1, int(min_coords * scale))
+        idx = [_coordinate_sample(s, fraction * scale, floor, rng) for s in shapes]
+        sampled = sum(
+            math.prod(s) if sl is None else len(range(math.prod(s))[sl])
+            for s, sl in zip(shapes, idx, strict=True)
+        )
+        if sampled <= cap or floor == 1 or (scale == 1 and sampled == total):
+            return idx  # every tensor under the floor: full coverage, Adam's exp_avg serves
+        scale *= 0.9 * cap / sampled
+
+
 def _is_distributed(model: nn.Module) -> bool:
     """True for a DistributedDataParallel model in a process group of several ranks."""
     import torch.distributed as dist
@@ -182,14 +212,13 @@ class Monitor:
         self.params = [p for _, p in named]
         device = self.params[0].device
         self.dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
-        rng = random.Random(seed)
-        self.idx: list[slice | None] = []
+        self.idx = _model_sample(
+            [p.shape for p in self.params], sample_fraction, min_coords, self.dtype, seed
+        )
         self.bounds: list[tuple[int, int]] = []
         offset = 0
-        for p in self.params:
-            sl = _coordinate_sample(p.shape, sample_fraction, min_coords, rng)
+        for p, sl in zip(self.params, self.idx, strict=True):
             m = p.numel() if sl is None else len(range(p.numel())[sl])
-            self.idx.append(sl)
             self.bounds.append((offset, offset + m))
             offset += m
         self.n_coords = offset

@@ -67,6 +67,32 @@ def test_coordinate_sample_is_fixed_spread_and_reports_its_stderr(
     )
 
 
+def test_a_sampled_model_keeps_its_state_within_one_parameter_buffer(redis_url: str) -> None:
+    # Many tensors just above min_coords (like a small CNN's): the per-tensor floor alone
+    # would sample most coordinates, and a sample carries its own first moment.
+    torch.manual_seed(random.randrange(10**9))
+    model = nn.Sequential(*[nn.Linear(61, 61, bias=False) for _ in range(6)])
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x, y = torch.randn(64, 61), torch.randn(64, 61)
+    params = sum(p.numel() for p in model.parameters())
+    with cs.init("t", "state-cap", redis_url=redis_url) as run:
+        mon = run.watch(model, opt, batch_size=16, min_coords=1500, emit_every=2, budget=None)
+        assert isinstance(mon, Monitor)
+        assert not mon.full_coverage
+        for _ in range(4):
+            idx = torch.randint(0, 64, (16,))
+            nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+        assert mon.state_bytes() <= 4 * params
+        assert all(hi - lo >= 1 for lo, hi in mon.bounds)
+    # Asking for every coordinate is honoured: Adam's exp_avg is the first moment then.
+    with cs.init("t", "state-full", redis_url=redis_url) as run:
+        mon = run.watch(model, opt, batch_size=16, sample_fraction=1.0, budget=None)
+        assert isinstance(mon, Monitor)
+        assert mon.full_coverage and mon.n_coords == params
+
+
 def test_budget_thins_the_schedule_and_overhead_is_reported(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
