@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 import tempfile
@@ -189,6 +190,21 @@ def peak_memory(w: Workload, device: str, redis_url: str, repeats: int = 3) -> d
     }
 
 
+def round_steps(requested: int, configs: dict[str, dict[str, Any] | None]) -> int:
+    """Steps per round: at least ``requested`` and a whole number of every fixed-cadence
+    configuration's emission period. Each round then holds the same number of emitted
+    steps, so the median over rounds is the amortized cost; with 30-step rounds and an
+    emission every 50 steps, the median fell on a round with or without the capture
+    depending on how the rounds happened to line up."""
+    periods = [
+        int(kw.get("emit_every", 10))
+        for kw in configs.values()
+        if kw is not None and "budget" in kw and kw["budget"] is None
+    ]
+    period = math.lcm(*periods) if periods else 1
+    return period * math.ceil(requested / period)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
@@ -220,8 +236,11 @@ def main() -> None:
         for w in WORKLOADS:
             if args.only and args.only not in w.name:
                 continue
-            steps = max(3, args.steps // 4) if "transformer" in w.name else args.steps
-            warmup = 20 if "transformer" in w.name else 100
+            slow = "transformer" in w.name  # ~0.3 s a step on 2 CPU threads
+            configs = {**CONFIGS, **(EQUAL_CADENCE if args.peers else {})}
+            steps = round_steps(max(3, args.steps // 4) if slow else args.steps, configs)
+            rounds = max(3, args.rounds // 2) if slow else args.rounds
+            warmup = 20 if slow else 100
             if args.memory_only:
                 params = sum(p.numel() for p in w.make().parameters())
                 rows.append(
@@ -229,7 +248,8 @@ def main() -> None:
                 )
                 print(w.name, rows[-1][1]["memory"], flush=True)
                 continue
-            res = bench_workload(w, args.rounds, steps, device, redis.url, warmup, args.peers)
+            res = bench_workload(w, rounds, steps, device, redis.url, warmup, args.peers)
+            res["steps"], res["rounds"] = steps, rounds
             if args.memory:
                 res["memory"] = peak_memory(w, args.device, redis.url)
             rows.append((w, res))
@@ -249,7 +269,10 @@ def main() -> None:
         "",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
         f"Device: {args.device}, torch threads: {args.threads}, torch {torch.__version__}, "
-        f"{args.rounds} interleaved rounds; Adam; agent writing to a real local Redis.",
+        f"{args.rounds} interleaved rounds ({max(3, args.rounds // 2)} for the transformer) "
+        f"of {'/'.join(sorted({str(r.get('steps')) for _, r in rows}))} steps: a whole number "
+        "of the fixed-cadence columns' emission periods, so every round holds the same "
+        "emitted steps; Adam; agent writing to a real local Redis.",
         "",
         "Cells are the median over rounds of step time with the agent / step time without "
         "(1.000 = no overhead). 'state' is the agent's per-step state as a fraction of one "

@@ -6,6 +6,9 @@ steps) with the agent writing to an embedded Redis, reads back what the dashboar
 (the alarm events and the logged ``val/acc`` and ``train/loss``), and prints the verdict::
 
     python -m experiments.demo_alarm [--steps 4000] [--seed 0] [--scales 0.1,0.25]
+
+It also lists the training-loss spikes after the fit. ``--unwatched`` trains the same run
+without the agent (``watch=False``), to show whether the agent has anything to do with them.
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ def demo_record(url: str, run: cs.Run, name: str) -> RunRecord:
     return rec
 
 
+def loss_spikes(rec: RunRecord, after: int, level: float = 1.0) -> list[int]:
+    """Logged steps after ``after`` at which the training loss rises above ``level`` (the
+    first logged step of each such stretch)."""
+    starts, above = [], False
+    for step, loss in zip(rec.steps, rec.train_loss, strict=True):
+        high = step > after and loss > level
+        if high and not above:
+            starts.append(step)
+        above = high
+    return starts
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train the demo's run once and print its alarm against held-out accuracy."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,17 +69,28 @@ def main(argv: list[str] | None = None) -> int:
         default=[0.1, 0.25],
         help="signal scales to replay the run's recorded excess at (comma-separated)",
     )
+    parser.add_argument(
+        "--unwatched", action="store_true", help="train without the agent (no alarm to judge)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     server = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
     try:
         t0 = time.perf_counter()
         with cs.init("experiments", "demo alarm", redis_url=server.url) as run:
-            demo.train(run, steps=args.steps, seed=args.seed)
+            demo.train(run, steps=args.steps, seed=args.seed, watch=not args.unwatched)
         rec = demo_record(server.url, run, f"demo seed={args.seed}")
     finally:
         server.stop()
     v = grokking_verdict(rec)
+    fitted = v["fitted"] if isinstance(v["fitted"], int) else 0
+    spikes = loss_spikes(rec, fitted)
+    print(
+        f"training loss above 1.0 after the fit ({'without' if args.unwatched else 'with'} the "
+        f"agent): {len(spikes)} time(s), at {', '.join(map(str, spikes)) or '—'}"
+    )
+    if args.unwatched:
+        return 0
     history = alarm_history(rec.events)
     print(
         f"{rec.name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s; alarm: "

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.demo_alarm import loss_spikes
 from experiments.run_all import _grokking_lines, best_constant_step, grokking_verdict, main
 from experiments.runner import RunRecord
 from experiments.signal_window import excess_levels, replay
@@ -116,3 +117,12 @@ def test_full_batch_digits_trains_on_the_whole_clean_training_set_every_step() -
     assert x0.shape[0] == task.batch_size == task.dataset_size == 300
     assert x0 is x1 and torch.equal(y0, task.train_y)
     assert task.noisy is None and "full batch" in task.name
+
+
+def test_loss_spikes_are_the_starts_of_stretches_above_the_level_after_the_fit() -> None:
+    rec = RunRecord("r", "grokking")
+    rec.steps = [0, 10, 20, 30, 40, 50, 60, 70]
+    rec.train_loss = [4.0, 0.01, 2.0, 3.0, 0.02, 0.5, 1.5, 0.01]
+    # The loss at step 0 is before the fit; 20–30 is one stretch, 60 another.
+    assert loss_spikes(rec, after=10) == [20, 60]
+    assert loss_spikes(rec, after=10, level=2.5) == [30]
