@@ -269,7 +269,13 @@ def main() -> None:
         "",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
         f"Device: {args.device}, torch threads: {args.threads}, torch {torch.__version__}, "
-        f"{args.rounds} interleaved rounds ({max(3, args.rounds // 2)} for the transformer) "
+        f"{args.rounds} interleaved rounds"
+        + "".join(
+            f" ({r['rounds']} for the {w.name})"
+            for w, r in rows
+            if r.get("rounds", args.rounds) != args.rounds
+        )
+        + " "
         f"of {'/'.join(sorted({str(r.get('steps')) for _, r in rows}))} steps: a whole number "
         "of the fixed-cadence columns' emission periods, so every round holds the same "
         "emitted steps; Adam; agent writing to a real local Redis.",
