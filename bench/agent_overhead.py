@@ -69,6 +69,7 @@ def bench_workload(
     with_peers: bool = False,
     configs: dict[str, dict[str, Any] | None] | None = None,
     prepare: Callable[[str, cs.Run], None] | None = None,
+    peer_filter: str = "",
 ) -> dict[str, Any]:
     """Interleaved step times of each configuration ("no monitoring" is the baseline);
     ``prepare`` gets each watched run before timing (bench/agent_breakdown.py)."""
@@ -90,6 +91,8 @@ def bench_workload(
         setups[name] = (plain_step(model, opt, x, y), run)
     skipped: dict[str, str] = {}
     for name, make in PEERS.items() if with_peers else []:
+        if peer_filter not in name:
+            continue
         model = copy.deepcopy(base)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         try:
@@ -216,6 +219,11 @@ def main() -> None:
         "--peers", action="store_true", help="add the peer columns (make bench-peers)"
     )
     parser.add_argument(
+        "--peers-only",
+        default="",
+        help="substring of the peers to run (implies --peers; e.g. BackPACK, the cheapest)",
+    )
+    parser.add_argument(
         "--out", help="default: bench/results/agent_overhead.md (_peers.md with --peers)"
     )
     parser.add_argument("--memory", action="store_true", help="add the peak-memory table")
@@ -225,6 +233,7 @@ def main() -> None:
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.peers = args.peers or bool(args.peers_only)
     torch.set_num_threads(args.threads)
     if args.memory_child:
         peak_memory_child(*args.memory_child, args.device, args.redis_url)
@@ -248,7 +257,10 @@ def main() -> None:
                 )
                 print(w.name, rows[-1][1]["memory"], flush=True)
                 continue
-            res = bench_workload(w, rounds, steps, device, redis.url, warmup, args.peers)
+            res = bench_workload(
+                w, rounds, steps, device, redis.url, warmup, args.peers,
+                peer_filter=args.peers_only,
+            )  # fmt: skip
             res["steps"], res["rounds"] = steps, rounds
             if args.memory:
                 res["memory"] = peak_memory(w, args.device, redis.url)
@@ -262,7 +274,7 @@ def main() -> None:
     finally:
         redis.stop()
     columns = [c for c in CONFIGS if c != "no monitoring"] + (
-        [*EQUAL_CADENCE, *PEERS] if args.peers else []
+        [*EQUAL_CADENCE, *(p for p in PEERS if args.peers_only in p)] if args.peers else []
     )
     lines = [
         "# Agent overhead",

@@ -535,8 +535,10 @@ class Monitor:
         if not isinstance(ok, float) or ok == 0.0:
             self.nonfinite.add_(1 - ok)
             g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # g is our own copy
-        # m̂ including this step, bias-corrected; used by the gate and the population gate.
-        m_hat = torch.lerp(m_prev, g, 1 - beta).mul_(1 / (1 - beta ** (seen + 1)))
+        if emit:
+            # m̂ including this step, bias-corrected, for the gate and the population gate;
+            # taken before the update, which may overwrite m_prev (the agent's own EMA).
+            m_hat = torch.lerp(m_prev, g, 1 - beta).mul_(1 / (1 - beta ** (seen + 1)))
         if update:
             # s ← (1−w)s + w(g − m_{t−1})², with w = 0 on a non-finite step.
             d = torch.sub(g, m_prev)
