@@ -37,12 +37,19 @@ def _announce(settings: Settings, redis_url: str) -> None:
         )
 
 
-def serve(settings: Settings) -> int:
-    """Run the server in the foreground until interrupted."""
+def _start(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, Settings, str]:
+    """Start the server on a thread; return it, the settings with the port it bound (port 0
+    picks a free one) and the Redis URL it uses."""
     server = _server(settings)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = _wait_ready(server, settings)
+    port, redis_url = _wait_ready(server, thread, settings)
+    return server, thread, settings.model_copy(update={"port": port}), redis_url
+
+
+def serve(settings: Settings) -> int:
+    """Run the server in the foreground until interrupted."""
+    server, thread, settings, url = _start(settings)
     _announce(settings, url)
     try:
         while thread.is_alive():
@@ -53,20 +60,30 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def _wait_ready(server: uvicorn.Server, settings: Settings, timeout: float = 60.0) -> str:
+def _wait_ready(
+    server: uvicorn.Server, thread: threading.Thread, settings: Settings, timeout: float = 60.0
+) -> tuple[int, str]:
+    """The bound port and the Redis URL, once the server answers its health check."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if not thread.is_alive():
+            # uvicorn logs the cause (most often the address in use) and returns.
+            raise SystemExit(
+                f"channelscope: the server could not start on {settings.host}:{settings.port} "
+                "(is the port in use? --port picks another, --port 0 a free one)"
+            )
         if server.started:
+            port = int(server.servers[0].sockets[0].getsockname()[1])
             try:
-                httpx.get(f"http://{settings.host}:{settings.port}/healthz", timeout=1.0)
+                httpx.get(f"http://{settings.host}:{port}/healthz", timeout=1.0)
                 app = server.config.loaded_app
                 while hasattr(app, "app"):
                     app = app.app
-                return str(app.state.redis_url)
+                return port, str(app.state.redis_url)
             except httpx.HTTPError:
                 pass
         time.sleep(0.1)
-    raise SystemExit("channelscope: the server did not start")
+    raise SystemExit(f"channelscope: the server did not answer within {timeout:.0f} s")
 
 
 def demo(settings: Settings, steps: int, runs: int, keep_serving: bool) -> int:
@@ -74,10 +91,7 @@ def demo(settings: Settings, steps: int, runs: int, keep_serving: bool) -> int:
     import monitor_agent
     from monitor_agent.demo import train
 
-    server = _server(settings)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    redis_url = _wait_ready(server, settings)
+    server, thread, settings, redis_url = _start(settings)
     _announce(settings, redis_url)
     try:
         for i in range(runs):
