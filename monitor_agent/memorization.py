@@ -26,10 +26,17 @@ Two families of evidence are computed side by side on every emitted step:
   ḡ²/(Σ/(b−1)) follows F(1, b−1), so O has a known null O₀ = P(|t_{b−1}| > 1) ≈ 0.317;
   the excess E = (O − O₀)/(1 − O₀) is the share of coordinates carrying signal beyond
   chance. Its median over ``signal_window`` steps (robust to the loss spikes of
-  full-batch training, during which every example pulls the same way) gives
-  M_signal = clip(1 − E/``signal_scale``, 0, 1): a network fitting its training set with
-  a gradient no more coherent than noise is memorizing; the score clears when the
-  gradient carries shared signal again (the jump of grokking). The streaming estimator
+  full-batch training, during which every example pulls the same way) gives the current
+  factor clip(1 − E/``signal_scale``, 0, 1). At any fitted point the examples' gradients
+  cancel and E sits at or below chance whether the network generalized or not, so a
+  second factor asks how the fit was reached: E_fit, the excess averaged over the falls of
+  the training loss to new lows (each weighted by its size; spikes' recoveries are not
+  new lows), gives clip(1 − E_fit/``signal_scale``, 0, 1), and
+  M_signal = current × fit. A fit reached against the examples' shared signal (grokking's
+  memorization: E_fit ≈ −0.36) keeps the score to the current factor, which clears when
+  the gradient carries shared signal again (the jump of grokking); a fit reached with it
+  (clean digits: E_fit ≈ +0.58) keeps it at 0. Without a logged training loss the second
+  factor is 1. The streaming estimator
   has no such null (its ŝ mixes batch noise and drift; full batch has no batch noise),
   so with it the tail score is used.
 
@@ -192,6 +199,13 @@ class MemorizationTracker:
     loss_ema_prev: float | None = None
     rule: OnsetRule | None = None
     signal_excess: deque[tuple[int, float]] = field(default_factory=deque)
+    # The descent: how the training loss came down. loss_min is its running minimum;
+    # each fall of it is credited to the next signal excess measured (drop_pending), and
+    # descent_num/descent_den accumulate the fall-weighted excess.
+    loss_min: float | None = None
+    drop_pending: float = 0.0
+    descent_num: float = 0.0
+    descent_den: float = 0.0
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -205,6 +219,13 @@ class MemorizationTracker:
             return
         a = 0.05
         self.loss_ema = value if self.loss_ema is None else (1 - a) * self.loss_ema + a * value
+        # Only new lows count: the recovery from a loss spike re-covers ground already
+        # covered, with every example pulling the same way (a high excess).
+        if self.loss_min is None:
+            self.loss_min = value
+        elif value < self.loss_min:
+            self.drop_pending += self.loss_min - value
+            self.loss_min = value
 
     def observe_gradient(self, t_rate: float, q_rate: float, lr: float, steps: int) -> None:
         """Feed T and Q of an emitted step; ``steps`` is the window since the last one."""
@@ -245,15 +266,33 @@ class MemorizationTracker:
         it directly."""
         if math.isfinite(excess):
             self.signal_excess.append((step, excess))
+            self.descent_num += self.drop_pending * excess
+            self.descent_den += self.drop_pending
+            self.drop_pending = 0.0
         while self.signal_excess and self.signal_excess[0][0] <= step - self.settings.signal_window:
             self.signal_excess.popleft()
 
+    def descent_excess(self) -> float | None:
+        """E_fit: the signal excess averaged over the run's falls of the training loss to new
+        lows, each weighted by its size; None before any fall was seen with an excess."""
+        if self.descent_den <= 0:
+            return None
+        return self.descent_num / self.descent_den
+
     def signal_score(self) -> float:
-        """M_signal = clip(1 − median(E)/signal_scale, 0, 1); 0 before any exact step."""
+        """M_signal = clip(1 − median(E)/s, 0, 1) · clip(1 − E_fit/s, 0, 1), s the signal
+        scale; 0 before any exact step. The second factor is 1 while no training loss
+        was logged."""
         if not self.enabled or not self.signal_excess:
             return 0.0
+        scale = self.settings.signal_scale
         med = statistics.median(e for _, e in self.signal_excess)
-        return min(1.0, max(0.0, 1.0 - med / self.settings.signal_scale))
+        now = min(1.0, max(0.0, 1.0 - med / scale))
+        fit = self.descent_excess()
+        # A full-batch gradient is at chance at any fitted point (the examples' gradients
+        # cancel), generalizing or not; what tells the two apart is how the fit was
+        # reached: with shared signal (a clean task) or against it (memorization).
+        return now * (1.0 if fit is None else min(1.0, max(0.0, 1.0 - fit / scale)))
 
     def gradient_score(self) -> float:
         """M_grad = clip(1 − Q̄/T̄, 0, 1); 0 without a finite training set."""
@@ -305,6 +344,7 @@ class MemorizationTracker:
             "tail_score": self.tail_score(),
             "signal_score": self.signal_score(),
             "signal_excess": self.signal_excess[-1][1] if self.signal_excess else None,
+            "descent_excess": self.descent_excess(),
             "disagree_fraction": self.h_bar,
             "disagree_reference": self.h_ref,
             "train_loss_ema": self.loss_ema,

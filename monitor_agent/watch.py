@@ -815,6 +815,9 @@ class Monitor:
             ]
             occupancy = sum(a for a, _ in pairs) / max(sum(n for _, n in pairs), 1)
             out["memorization/signal_excess"] = tracker.observe_signal(occupancy, exact.dof, step)
+            descent = tracker.descent_excess()
+            if descent is not None:
+                out["memorization/descent_excess"] = descent
         out["memorization/signal_score"] = tracker.signal_score()
         out["memorization/score"] = tracker.score()
         for ev in tracker.step_onset(step):

@@ -167,6 +167,38 @@ def test_signal_score_is_the_median_excess_over_its_window() -> None:
     assert tracker.score() == 0.0
 
 
+def test_signal_score_stays_off_for_a_fit_reached_with_shared_signal() -> None:
+    settings = OnsetSettings(score="signal", signal_window=100, signal_scale=0.25)
+
+    def fitted_run(descent_excess: float) -> MemorizationTracker:
+        """The loss falls from 2.0 to 0.02 over steps 0–90 with this excess, then the fitted
+        gradient sits at chance (E = 0) through a loss spike and its recovery."""
+        tracker = MemorizationTracker(0.0, None, settings)
+        for step in range(0, 400, 10):
+            loss = max(2.0 - 0.22 * step / 10, 0.02)
+            if step == 200:
+                loss = 3.0  # a spike: its recovery re-covers old ground
+            tracker.observe_loss(loss)
+            tracker.observe_excess(descent_excess if step < 100 else 0.0, step)
+        return tracker
+
+    generalized = fitted_run(0.6)
+    # Weighted by the falls to new lows, step 0 (before any fall) carrying none.
+    assert generalized.descent_excess() == pytest.approx(0.6)
+    assert generalized.signal_score() == 0.0  # E_fit ≥ scale: the fit was signal
+    memorized = fitted_run(-0.3)
+    assert memorized.descent_excess() == pytest.approx(-0.3)
+    assert memorized.signal_score() == pytest.approx(1.0)  # as before: at chance now
+    halfway = fitted_run(0.125)
+    assert halfway.signal_score() == pytest.approx(0.5)
+    # Without a logged training loss the score is the plain median rule.
+    tracker = MemorizationTracker(0.0, None, settings)
+    for step in range(0, 100, 10):
+        tracker.observe_excess(0.6 if step < 30 else 0.0, step)
+    assert tracker.descent_excess() is None
+    assert tracker.signal_score() == pytest.approx(1.0)
+
+
 def _score_of(client: redis.Redis, run: Run) -> str:
     meta = wire.decode_meta(client.hgetall(run.keys.meta(run.id)))
     kind: str = meta["settings"]["memorization"]["score"]
@@ -206,6 +238,11 @@ def test_full_batch_exact_training_uses_the_signal_score(
     ]
     excess = [s["memorization/signal_excess"] for s in scalars if "memorization/signal_excess" in s]
     assert excess and all(-1.0 <= e <= 1.0 for e in excess)
+    # The descent excess is a loss-weighted mean of the excesses, once the loss has fallen.
+    descent = [
+        s["memorization/descent_excess"] for s in scalars if "memorization/descent_excess" in s
+    ]
+    assert descent and all(min(excess) - 1e-9 <= d <= max(excess) + 1e-9 for d in descent)
     assert all(
         0.0 <= s["memorization/signal_score"] <= 1.0
         for s in scalars
