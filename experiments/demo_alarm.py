@@ -25,8 +25,7 @@ import torch
 
 import monitor_agent as cs
 from experiments.run_all import DEFAULTS, alarm_history, grokking_verdict
-from experiments.runner import RunRecord, read_back
-from experiments.signal_window import replay
+from experiments.runner import RunRecord, read_back, replay
 from monitor_agent import demo
 from server.embedded_redis import EmbeddedRedis
 

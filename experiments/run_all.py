@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from experiments.runner import RunRecord, run_task
+from experiments.runner import RunRecord, replay, run_task
 from experiments.tasks import Task, digits_full_batch, digits_label_noise, fresh_data, grokking
 from monitor_agent.memorization import (
     MemorizationTracker,
@@ -64,9 +64,15 @@ GROK_HELDOUT_SEEDS = [5, 6, 7, 8, 9]
 # Full-batch clean-label digits: the signal score's control (the controls above all train on
 # mini-batches, where the tail score is used). Outside the default plan for its hour, too:
 # `python -m experiments.run_all --rerun fullbatch-clean`.
-FULLBATCH_SEEDS = [0, 1, 2]
+# Seeds 3–5 were run only after the signal score took the descent into account (chosen
+# on a fresh seed-0 run and checked by replaying seeds 0–2 and the grokking records).
+FULLBATCH_SEEDS = [0, 1, 2, 3, 4, 5]
+# Full-batch digits with 20 % label noise: a full-batch run that memorizes (its held-out
+# loss rises as the noisy labels are fitted), judged like the label-noise runs: onset within
+# ×1.5 of the held-out minimum. `python -m experiments.run_all --rerun fullbatch-noisy`.
+FULLBATCH_NOISY_SEEDS = [0, 1, 2]
 # Kinds that only `--rerun KIND` runs; the report times them apart from the default plan.
-EXTRA_KINDS = ("grokking-heldout", "fullbatch-clean")
+EXTRA_KINDS = ("grokking-heldout", "fullbatch-clean", "fullbatch-noisy")
 # The label-noise runs by how they bear on the default: report label -> RunRecord.kind.
 GROUPS = {
     "seeds 0–2 (the default was chosen on these)": "digits",
@@ -268,6 +274,24 @@ def _grokking_lines(runs: list[RunRecord], label: str) -> list[str]:
             else ""
         )
     )
+    older = [
+        r
+        for r in runs
+        if r.series("memorization/signal_excess")[0]
+        and not r.series("memorization/descent_excess")[0]
+    ]
+    if older:
+        # Runs recorded before the signal score had its descent factor: what it changes.
+        same = sum(
+            [(e["kind"], e["step"]) for e in replay(r, DEFAULTS.signal_window)]
+            == [(e["kind"], e["step"]) for e in r.events]
+            for r in older
+        )
+        lines.append(
+            f"  {len(older)} of these runs were recorded before the signal score took the "
+            f"descent factor; replayed with it (their recorded excess and training loss), "
+            f"{same}/{len(older)} give the same alarm events as live."
+        )
     return lines
 
 
@@ -538,6 +562,23 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
             )
             + ")."
         )
+    memorizing = [r for r, _, _, _ in per_run if r.kind == "fullbatch-noisy"]
+    if memorizing:
+        hits = sum(hit(alarm[id(r)], r.test_min_step()) for r in memorizing if r.clear_minimum())
+        lines.append(
+            f"* Full-batch runs with 20 % label noise (a full-batch run that memorizes; outside "
+            f"the default plan: `python -m experiments.run_all --rerun fullbatch-noisy`), "
+            f"onset within ×1.5 of a clear held-out minimum: {hits}/"
+            f"{sum(r.clear_minimum() for r in memorizing)} ("
+            + "; ".join(
+                f"{r.name}: "
+                + (alarm_history(r.events) or "no alarm")
+                + f", held-out loss minimum at {r.test_min_step()}"
+                + ("" if r.clear_minimum() else " (no clear minimum)")
+                for r in memorizing
+            )
+            + ")."
+        )
     grok = [r for r, _, _, _ in per_run if r.kind == "grokking"]
     heldout = [r for r, _, _, _ in per_run if r.kind == "grokking-heldout"]
     lines += _grokking_lines(
@@ -596,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rerun", default=None, metavar="KIND",
         help="run only the runs of one kind (digits, digits-validation, digits-timescale, "
-        "fresh, grokking; outside the default plan: grokking-heldout, seeds 5–9, and "
-        "fullbatch-clean) and "
+        "fresh, grokking; outside the default plan: grokking-heldout, seeds 5–9, "
+        "fullbatch-clean and fullbatch-noisy) and "
         "replace them in out/records.pkl; the report lists both commands",
     )  # fmt: skip
     args = parser.parse_args(argv)
@@ -640,18 +681,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     # Full batch: the exact per-example estimator sees the whole training set every step,
     # and the agent's default score is then the signal score (DESIGN §4.5, docs/concepts.md).
-    full_batch: list[tuple[str, list[int], Callable[[int], Task], int]] = [
-        ("grokking", plan.grok_seeds, grokking, plan.grok_steps)
+    full_batch: list[tuple[str, list[int], Callable[[int], Task], int, float]] = [
+        ("grokking", plan.grok_seeds, grokking, plan.grok_steps, 0.0)
     ]
     if args.rerun in EXTRA_KINDS:  # outside the default plan: only when named
         full_batch += [
-            ("grokking-heldout", GROK_HELDOUT_SEEDS, grokking, FULL.grok_steps),
-            ("fullbatch-clean", FULLBATCH_SEEDS, digits_full_batch, FULL.steps),
-        ]
-    for kind, kind_seeds, make, steps in full_batch:
+            ("grokking-heldout", GROK_HELDOUT_SEEDS, grokking, FULL.grok_steps, 0.0),
+            ("fullbatch-clean", FULLBATCH_SEEDS, digits_full_batch, FULL.steps, 0.0),
+            ("fullbatch-noisy", FULLBATCH_NOISY_SEEDS,
+             lambda s: digits_full_batch(s, noise=0.2), FULL.steps, 0.2),
+        ]  # fmt: skip
+    for kind, kind_seeds, make, steps, noise in full_batch:
         for seed in kind_seeds:
-            jobs.append((f"{kind} {seed}", kind, lambda m=make, s=seed, k=kind, n=steps: run_task(
-                m(s), k, n, redis.url, eval_every=20, estimator="per_example")))  # fmt: skip
+            jobs.append((f"{kind} {seed}", kind, lambda m=make, s=seed, k=kind, n=steps, z=noise: run_task(
+                m(s), k, n, redis.url, eval_every=20, estimator="per_example", noise=z)))  # fmt: skip
     if args.rerun:
         jobs = [(label, kind, job) for label, kind, job in jobs if kind == args.rerun]
         if not jobs:

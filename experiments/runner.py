@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -16,6 +16,7 @@ from torch.func import functional_call, grad, vmap
 import monitor_agent as cs
 from experiments.tasks import Task
 from monitor_agent import wire
+from monitor_agent.memorization import MemorizationTracker, OnsetSettings
 
 
 @dataclass
@@ -157,3 +158,24 @@ def read_back(
                 rec.events.append(ev)
     finally:
         client.close()
+
+
+def replay(
+    rec: RunRecord, window: int, scale: float = OnsetSettings().signal_scale
+) -> list[dict[str, Any]]:
+    """The alarm events the agent would have published on a recorded full-batch run with
+    this signal window and scale (the signal score, default settings otherwise)."""
+    settings = replace(OnsetSettings(), score="signal", signal_window=window, signal_scale=scale)
+    tracker = MemorizationTracker(0.0, None, settings)
+    events: list[dict[str, Any]] = []
+    # The recorded training loss (every eval_every steps; live, the agent saw every step)
+    # feeds the descent factor and the falling-loss condition.
+    losses = iter(zip(rec.steps, rec.train_loss, strict=True))
+    pending = next(losses, None)
+    for step, excess in zip(*rec.series("memorization/signal_excess"), strict=True):
+        while pending is not None and pending[0] <= step:
+            tracker.observe_loss(pending[1])
+            pending = next(losses, None)
+        tracker.observe_excess(excess, step)
+        events += tracker.step_onset(step)
+    return events

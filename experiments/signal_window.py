@@ -20,26 +20,9 @@ import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from experiments.run_all import DEFAULTS, _fmt, grokking_verdict
-from experiments.runner import RunRecord
-from monitor_agent.memorization import MemorizationTracker
-
-
-def replay(
-    rec: RunRecord, window: int, scale: float = DEFAULTS.signal_scale
-) -> list[dict[str, Any]]:
-    """The alarm events the agent would have published with this signal window and scale."""
-    settings = replace(DEFAULTS, score="signal", signal_window=window, signal_scale=scale)
-    tracker = MemorizationTracker(0.0, None, settings)
-    events: list[dict[str, Any]] = []
-    for step, excess in zip(*rec.series("memorization/signal_excess"), strict=True):
-        tracker.observe_excess(excess, step)
-        # The training loss is not replayed: the rule arms whenever the score is high,
-        # as it did live on these runs, whose loss was still falling at each arming.
-        events += tracker.step_onset(step)
-    return events
+from experiments.runner import RunRecord, replay
 
 
 def excess_levels(rec: RunRecord, window: int) -> tuple[float | None, float | None]:

@@ -83,17 +83,19 @@ def digits_label_noise(
                 batch_size, n_train, flip)  # fmt: skip
 
 
-def digits_full_batch(seed: int, n_train: int = 1000) -> Task:
-    """The clean-label digits task trained on its whole training set every step: with an
-    exact estimator the agent's default memorization score is then the signal score."""
-    task = digits_label_noise(0.0, seed, n_train=n_train, batch_size=n_train)
+def digits_full_batch(seed: int, n_train: int = 1000, noise: float = 0.0) -> Task:
+    """The digits task trained on its whole training set every step (clean labels unless
+    ``noise`` is given): with an exact estimator the agent's default memorization score is
+    then the signal score."""
+    task = digits_label_noise(noise, seed, n_train=n_train, batch_size=n_train)
     assert task.train_x is not None and task.train_y is not None
     whole = (task.train_x, task.train_y)
+    label = f" noise={noise:.0%}" if noise else ""
     return replace(
         task,
-        name=f"digits full batch seed={seed}",
+        name=f"digits full batch{label} seed={seed}",
         batch=lambda _step: whole,
-        noisy=None,
+        noisy=task.noisy if noise else None,
     )
 
 

@@ -6,8 +6,8 @@ import torch
 
 from experiments.demo_alarm import loss_spikes
 from experiments.run_all import _grokking_lines, best_constant_step, grokking_verdict, main
-from experiments.runner import RunRecord
-from experiments.signal_window import excess_levels, replay
+from experiments.runner import RunRecord, replay
+from experiments.signal_window import excess_levels
 from experiments.tasks import digits_full_batch
 
 
