@@ -240,13 +240,13 @@ def main() -> None:
         return
     device = torch.device(args.device)
     redis = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
+    configs = {**CONFIGS, **(EQUAL_CADENCE if args.peers else {})}
     rows = []
     try:
         for w in WORKLOADS:
             if args.only and args.only not in w.name:
                 continue
             slow = "transformer" in w.name  # ~0.3 s a step on 2 CPU threads
-            configs = {**CONFIGS, **(EQUAL_CADENCE if args.peers else {})}
             steps = round_steps(max(3, args.steps // 4) if slow else args.steps, configs)
             rounds = max(3, args.rounds // 2) if slow else args.rounds
             warmup = 20 if slow else 100
@@ -259,7 +259,7 @@ def main() -> None:
                 continue
             res = bench_workload(
                 w, rounds, steps, device, redis.url, warmup, args.peers,
-                peer_filter=args.peers_only,
+                configs=configs, peer_filter=args.peers_only,
             )  # fmt: skip
             res["steps"], res["rounds"] = steps, rounds
             if args.memory:

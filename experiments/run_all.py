@@ -241,6 +241,15 @@ def alarm_history(events: list[dict[str, Any]]) -> str:
     return ", ".join(f"{e['kind'].removeprefix('memorization_')} at {e['step']}" for e in events)
 
 
+def _alarms_against_minimum(runs: list[RunRecord]) -> str:
+    """Each run's alarm events beside its held-out loss minimum, for a report line."""
+    return "; ".join(
+        f"{r.name}: {alarm_history(r.events) or 'no alarm'}, held-out loss minimum at "
+        f"{r.test_min_step()}" + ("" if r.clear_minimum() else " (no clear minimum)")
+        for r in runs
+    )
+
+
 def _grokking_lines(runs: list[RunRecord], label: str) -> list[str]:
     """The grokking target per run and over a group of runs, as report lines."""
     if not runs:
@@ -553,14 +562,7 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         lines.append(
             f"* Full-batch clean-label runs (the signal score's control, outside the default "
             f"plan: `python -m experiments.run_all --rerun fullbatch-clean`) with no alarm: "
-            f"{quiet}/{len(fullbatch)} ("
-            + "; ".join(
-                f"{r.name}: "
-                + (alarm_history(r.events) or "no alarm")
-                + f", held-out loss minimum at {r.test_min_step()}"
-                for r in fullbatch
-            )
-            + ")."
+            f"{quiet}/{len(fullbatch)} ({_alarms_against_minimum(fullbatch)})."
         )
     memorizing = [r for r, _, _, _ in per_run if r.kind == "fullbatch-noisy"]
     if memorizing:
@@ -569,15 +571,8 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
             f"* Full-batch runs with 20 % label noise (a full-batch run that memorizes; outside "
             f"the default plan: `python -m experiments.run_all --rerun fullbatch-noisy`), "
             f"onset within ×1.5 of a clear held-out minimum: {hits}/"
-            f"{sum(r.clear_minimum() for r in memorizing)} ("
-            + "; ".join(
-                f"{r.name}: "
-                + (alarm_history(r.events) or "no alarm")
-                + f", held-out loss minimum at {r.test_min_step()}"
-                + ("" if r.clear_minimum() else " (no clear minimum)")
-                for r in memorizing
-            )
-            + ")."
+            f"{sum(r.clear_minimum() for r in memorizing)} "
+            f"({_alarms_against_minimum(memorizing)})."
         )
     grok = [r for r, _, _, _ in per_run if r.kind == "grokking"]
     heldout = [r for r, _, _, _ in per_run if r.kind == "grokking-heldout"]

@@ -21,7 +21,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from experiments.run_all import DEFAULTS, _fmt, grokking_verdict
+from experiments.run_all import DEFAULTS, _fmt, alarm_history, grokking_verdict
 from experiments.runner import RunRecord, replay
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 events = replay(rec, window, scale)
                 v = grokking_verdict(replace(rec, events=events))
                 verdicts.append(v)
-                history = ", ".join(f"{e['kind'].split('_')[1]} {e['step']}" for e in events)
+                history = alarm_history(events)
                 print(
                     f"  {rec.name}: {history or 'no alarm'} (held-out 50 % at "
                     f"{v['rising'] or '—'}, 90 % at {v['jump'] or '—'}; target "

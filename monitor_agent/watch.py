@@ -88,6 +88,11 @@ def _coordinate_sample(
     return slice(rng.randrange(stride), n, stride)
 
 
+def _sample_size(n: int, sl: slice | None) -> int:
+    """Coordinates a tensor of n coordinates contributes under its sample."""
+    return n if sl is None else len(range(n)[sl])
+
+
 def _model_sample(
     shapes: list[torch.Size], fraction: float, min_coords: int, dtype: torch.dtype, seed: int
 ) -> list[slice | None]:
@@ -109,10 +114,7 @@ def _model_sample(
         rng = random.Random(seed)
         floor = max(1, int(min_coords * scale))
         idx = [_coordinate_sample(s, fraction * scale, floor, rng) for s in shapes]
-        sampled = sum(
-            math.prod(s) if sl is None else len(range(math.prod(s))[sl])
-            for s, sl in zip(shapes, idx, strict=True)
-        )
+        sampled = sum(_sample_size(math.prod(s), sl) for s, sl in zip(shapes, idx, strict=True))
         if sampled <= cap or floor == 1 or (scale == 1 and sampled == total):
             return idx  # every tensor under the floor: full coverage, Adam's exp_avg serves
         scale *= 0.9 * cap / sampled
@@ -218,7 +220,7 @@ class Monitor:
         self.bounds: list[tuple[int, int]] = []
         offset = 0
         for p, sl in zip(self.params, self.idx, strict=True):
-            m = p.numel() if sl is None else len(range(p.numel())[sl])
+            m = _sample_size(p.numel(), sl)
             self.bounds.append((offset, offset + m))
             offset += m
         self.n_coords = offset
