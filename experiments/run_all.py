@@ -41,6 +41,8 @@ class Plan:
     seeds: list[int]
     steps: int
     fresh_seeds: list[int]
+    # Grokking trains until held-out accuracy jumps (1.3× the step it passes GROK_JUMP),
+    # at most grok_steps: at a fixed 8,000 steps one seed stopped while still rising.
     grok_steps: int
     grok_seeds: list[int]
     # (Adam learning rate, steps) of the time-scale runs, and their noise rates and seeds
@@ -50,7 +52,7 @@ class Plan:
 
 
 FULL = Plan(
-    [0.0, 0.1, 0.2, 0.4], [0, 1, 2], 3000, [0, 1, 2], 8000, [0, 1, 2, 3, 4],
+    [0.0, 0.1, 0.2, 0.4], [0, 1, 2], 3000, [0, 1, 2], 12000, [0, 1, 2, 3, 4],
     [(1e-4, 5000), (6e-4, 3000)], [0.2, 0.4], [0, 1, 2],
 )  # fmt: skip
 QUICK = Plan([0.0, 0.2], [0], 1200, [0], 0, [], [], [], [])
@@ -190,6 +192,7 @@ def candidates(rec: RunRecord) -> dict[str, tuple[int | None, int | None]]:
 
 
 GROK_FITTED = 0.1  # training loss at which the training set counts as fitted
+GROK_JUMP = 0.9  # held-out accuracy whose step the alarm's clear is judged against
 
 
 def grokking_verdict(rec: RunRecord) -> dict[str, Any]:
@@ -203,7 +206,7 @@ def grokking_verdict(rec: RunRecord) -> dict[str, Any]:
 
     fitted = first([v <= GROK_FITTED for v in rec.train_loss])
     rising = first([a >= 0.5 for a in rec.test_acc])
-    jump = first([a >= 0.9 for a in rec.test_acc])
+    jump = first([a >= GROK_JUMP for a in rec.test_acc])
     onset = next((e["step"] for e in rec.events if e["kind"] == "memorization_onset"), None)
     cleared = next(
         (
@@ -688,23 +691,24 @@ def main(argv: list[str] | None = None) -> int:
         )
     # Full batch: the exact per-example estimator sees the whole training set every step,
     # and the agent's default score is then the signal score (DESIGN §4.5, docs/concepts.md).
-    full_batch: list[tuple[str, list[int], Callable[[int], Task], int, float]] = [
-        ("grokking", plan.grok_seeds, grokking, plan.grok_steps, 0.0)
+    # (kind, seeds, task, steps, label noise, held-out accuracy that ends the run early)
+    full_batch: list[tuple[str, list[int], Callable[[int], Task], int, float, float | None]] = [
+        ("grokking", plan.grok_seeds, grokking, plan.grok_steps, 0.0, GROK_JUMP)
     ]
     if args.rerun in EXTRA_KINDS:  # outside the default plan: only when named
         full_batch += [
-            ("grokking-heldout", GROK_HELDOUT_SEEDS, grokking, FULL.grok_steps, 0.0),
-            ("fullbatch-clean", FULLBATCH_SEEDS, digits_full_batch, FULL.steps, 0.0),
+            ("grokking-heldout", GROK_HELDOUT_SEEDS, grokking, FULL.grok_steps, 0.0, GROK_JUMP),
+            ("fullbatch-clean", FULLBATCH_SEEDS, digits_full_batch, FULL.steps, 0.0, None),
         ]
         full_batch += [
             ("fullbatch-noisy", FULLBATCH_NOISY_SEEDS,
-             lambda s, z=z: digits_full_batch(s, noise=z), FULL.steps, z)
+             lambda s, z=z: digits_full_batch(s, noise=z), FULL.steps, z, None)
             for z in FULLBATCH_NOISES
         ]  # fmt: skip
-    for kind, kind_seeds, make, steps, noise in full_batch:
+    for kind, kind_seeds, make, steps, noise, until in full_batch:
         for seed in kind_seeds:
-            jobs.append((f"{kind} {seed}" + (f" noise {noise:g}" if noise else ""), kind, lambda m=make, s=seed, k=kind, n=steps, z=noise: run_task(
-                m(s), k, n, redis.url, eval_every=20, estimator="per_example", noise=z)))  # fmt: skip
+            jobs.append((f"{kind} {seed}" + (f" noise {noise:g}" if noise else ""), kind, lambda m=make, s=seed, k=kind, n=steps, z=noise, u=until: run_task(
+                m(s), k, n, redis.url, eval_every=20, estimator="per_example", noise=z, until_accuracy=u)))  # fmt: skip
     if args.rerun:
         jobs = [(label, kind, job) for label, kind, job in jobs if kind == args.rerun]
         if not jobs:

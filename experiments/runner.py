@@ -93,8 +93,11 @@ def run_task(
     noise: float = 0.0,
     memorization: dict[str, Any] | None = None,
     estimator: str = "auto",
+    until_accuracy: float | None = None,
 ) -> RunRecord:
-    """Train a task for ``steps`` optimizer steps with the agent watching it."""
+    """Train a task for ``steps`` optimizer steps with the agent watching it; with
+    ``until_accuracy``, stop sooner, at 1.3× the step held-out accuracy first reaches it
+    (the harness reads the ground truth; the agent never does)."""
     rec = RunRecord(task.name, kind, noise=noise)
     assert task.train_x is not None and task.train_y is not None
     probe = (task.train_x[:probe_size], task.train_y[:probe_size])
@@ -107,7 +110,10 @@ def run_task(
             # (which on these millisecond steps would space emissions out).
             budget=None, memorization=memorization,
         )  # fmt: skip
+        stop = steps
         for step in range(steps):
+            if step >= stop:
+                break
             x, y = task.batch(step)
             task.model.train()
             loss = nn.functional.cross_entropy(task.model(x), y)
@@ -126,6 +132,9 @@ def run_task(
                 rec.train_loss.append(train_l)
                 rec.eb.append(eb)
                 rec.mean_gsnr.append(gsnr)
+                if until_accuracy is not None and stop == steps and ta >= until_accuracy:
+                    # Long enough after the jump to see an alarm clear up to 30 % late.
+                    stop = min(steps, math.ceil(1.3 * step))
             task.optimizer.step()
             task.optimizer.zero_grad(set_to_none=True)
             run.log({"train/loss": loss.item()}, step)

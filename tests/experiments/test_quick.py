@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from experiments.demo_alarm import loss_spikes
 from experiments.run_all import _grokking_lines, best_constant_step, grokking_verdict, main
-from experiments.runner import RunRecord, replay
+from experiments.runner import RunRecord, replay, run_task
 from experiments.signal_window import excess_levels
 from experiments.tasks import digits_full_batch
 
@@ -126,3 +127,17 @@ def test_loss_spikes_are_the_starts_of_stretches_above_the_level_after_the_fit()
     # The loss at step 0 is before the fit; 20–30 is one stretch, 60 another.
     assert loss_spikes(rec, after=10) == [20, 60]
     assert loss_spikes(rec, after=10, level=2.5) == [30]
+
+
+def test_a_run_until_an_accuracy_stops_at_1_3_times_the_step_it_first_reaches_it(
+    redis_url: str,
+) -> None:
+    # Full-batch digits pass 95 % held-out accuracy within a few hundred Adam steps.
+    task = digits_full_batch(seed=0, n_train=300)
+    rec = run_task(task, "fullbatch-clean", 2000, redis_url, eval_every=20, until_accuracy=0.95)
+    reached = next(s for s, a in zip(rec.steps, rec.test_acc, strict=True) if a >= 0.95)
+    assert 100 < reached < 1500
+    # The last evaluation lies within one evaluation period before the stop.
+    assert math.ceil(1.3 * reached) - 20 <= rec.steps[-1] < math.ceil(1.3 * reached)
+    steps, _ = rec.series("memorization/score")
+    assert steps and max(steps) < math.ceil(1.3 * reached)
