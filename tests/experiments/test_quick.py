@@ -56,6 +56,7 @@ def test_grokking_verdict_needs_an_alarm_on_the_plateau_and_a_clear_near_the_jum
     assert (v["fitted"], v["rising"], v["jump"]) == (160, 3500, 4000)
     assert v["met"] and v["score"] == "signal"
     assert v["settled"] == 3700 and v["settles_at_rise"]  # 3,700 is within 20 % of 3,500
+    assert v["acc_at_clear"] == 0.6  # the last evaluation at or before 3,700
     rec.events = events(("onset", 3600), ("cleared", 3900))  # fires after the plateau
     assert not grokking_verdict(rec)["fires_on_plateau"]
     rec.events = events(("onset", 200), ("cleared", 1000), ("onset", 1100))  # clears early
@@ -63,6 +64,9 @@ def test_grokking_verdict_needs_an_alarm_on_the_plateau_and_a_clear_near_the_jum
     assert v["fires_on_plateau"] and not v["clears_at_jump"] and not v["met"]
     assert v["settled"] is None and not v["settles_at_rise"]  # the alarm is on at the end
     assert v["blips"] == 1  # cleared at 1,000 and fired again at 1,100
+    assert v["acc_at_clear"] == 0.3  # the first clear, still on the plateau
+    rec.events = events(("onset", 200))
+    assert grokking_verdict(rec)["acc_at_clear"] is None  # never cleared
 
 
 def test_signal_window_replay_rides_out_a_short_plateau_excursion_only_with_a_long_window() -> None:
