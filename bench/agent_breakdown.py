@@ -5,6 +5,10 @@ Configurations, each on its own copy of the model (same seed and batch):
 * no monitoring, twice (the second is the A/A noise floor);
 * the streaming update alone (the per-step gather and the two running moments; statistics
   emitted only at step 0);
+* the update plus the emitted step with the per-layer statistics free (the first call's
+  result handed back on every later one) and nothing published: what the emitted step
+  costs besides ``signal_stats.layer_statistics``, the floor a fused statistics pass
+  could reach;
 * the update plus every emitted-step statistic, computed and moved to the host but not
   published (the monitor's publish step replaced by a no-op);
 * everything: computed and published every step through the sender thread to a real Redis.
@@ -32,22 +36,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import monitor_agent as cs
 from bench.agent_overhead import bench_workload
 from bench.workloads import WORKLOADS
+from monitor_agent import signal_stats as st
 from server.embedded_redis import EmbeddedRedis
+
+layer_statistics = st.layer_statistics
 
 STREAMING = {"noise": "streaming", "budget": None}
 PARTS: dict[str, dict[str, Any] | None] = {
     "no monitoring": None,
     "no monitoring (A/A)": None,
     "update only": {**STREAMING, "emit_every": 10**9},
+    "update + emitted step, statistics free": {**STREAMING, "emit_every": 1},
     "update + statistics": {**STREAMING, "emit_every": 1},
     "update + statistics + publish": {**STREAMING, "emit_every": 1},
 }
 
 
 def _no_publish(name: str, run: cs.Run) -> None:
-    if name == "update + statistics":
+    monitor = run._monitor
+    assert monitor is not None
+    if name in ("update + statistics", "update + emitted step, statistics free"):
         # Everything up to the host transfer, nothing handed to the sender.
-        run._monitor._publish = lambda *args: None
+        monitor._publish = lambda *args: None
+    if name == "update + emitted step, statistics free":
+        emit = monitor._emit
+        first: list[Any] = []
+
+        def cached(*args: Any) -> Any:
+            if not first:
+                first.append(layer_statistics(*args))
+            return first[0]
+
+        def emit_with_free_statistics(*args: Any) -> None:
+            # Only this monitor's emitted steps see the cached statistics.
+            st.layer_statistics = cached
+            try:
+                emit(*args)
+            finally:
+                st.layer_statistics = layer_statistics
+
+        monitor._emit = emit_with_free_statistics
 
 
 def main() -> None:
