@@ -16,33 +16,12 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from experiments.run_all import DEFAULTS, _fmt, alarm_history, grokking_verdict
-from experiments.runner import RunRecord, replay
-
-
-def excess_levels(rec: RunRecord, window: int) -> tuple[float | None, float | None]:
-    """The highest median excess (over ``window`` steps ending at an emitted step) on the
-    plateau, from a window after the fit to held-out accuracy 50 %, and the lowest from a
-    window after held-out accuracy passed 90 %; None where the run has no such span."""
-    v = grokking_verdict(rec)
-    steps, excess = rec.series("memorization/signal_excess")
-    medians = []
-    for i, step in enumerate(steps):
-        inside = [
-            e for s, e in zip(steps[: i + 1], excess[: i + 1], strict=True) if s > step - window
-        ]
-        medians.append((step, statistics.median(inside)))
-    plateau_end = v["rising"] if v["rising"] is not None else steps[-1] + 1
-    plateau = [
-        m for s, m in medians if v["fitted"] is not None and v["fitted"] + window <= s < plateau_end
-    ]
-    after = [m for s, m in medians if v["jump"] is not None and s >= v["jump"] + window]
-    return (max(plateau) if plateau else None, min(after) if after else None)
+from experiments.run_all import DEFAULTS, _fmt, alarm_history, excess_levels, grokking_verdict
+from experiments.runner import replay
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated signal scales (default: the agent's)",
     )
     parser.add_argument(
-        "--kind", default="grokking", help="grokking (seeds 0–4) or grokking-heldout (5–9)"
+        "--kind", default="grokking", help="grokking (seeds 0–4) or grokking-heldout (5–14)"
     )
     args = parser.parse_args(argv)
     with open(args.records, "rb") as fh:

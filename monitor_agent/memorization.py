@@ -106,9 +106,10 @@ class OnsetSettings:
     # The signal score: M = clip(1 − E/signal_scale, 0, 1) on the median excess E over
     # the last signal_window steps; with θ_on 0.5 and θ_off 0.1 it fires at E ≤ 0.125 and
     # clears at E ≥ 0.225. Scale 0.25 (was 0.1, read off one run, which cleared on the
-    # plateau's upper excursions): replayed over grokking seeds 0–4, the highest 800-step
-    # median on a plateau was 0.18 and the lowest after held-out accuracy passed 90 % was
-    # 0.28; the clear level sits between them. The window: on the grokking plateau the
+    # plateau's upper excursions): replayed over the recordings of grokking seeds 0–4 it
+    # was chosen on, the highest 800-step median on a plateau was 0.18 and the lowest after
+    # held-out accuracy passed 90 % was 0.28; the clear level sits between them (the report
+    # gives the same levels for the runs it holds). The window: on the grokking plateau the
     # excess oscillates around zero, and replayed over recorded runs a median over 200
     # steps cleared for a moment there in 4 of 8, over 400 steps in 1 of 10, over 800 in
     # none of 8 (`python -m experiments.signal_window`, experiments/REPORT.md).

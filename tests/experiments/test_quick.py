@@ -1,14 +1,21 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from experiments.demo_alarm import loss_spikes
-from experiments.run_all import _grokking_lines, best_constant_step, grokking_verdict, main
+from experiments.run_all import (
+    _grokking_lines,
+    _levels_line,
+    best_constant_step,
+    excess_levels,
+    grokking_verdict,
+    main,
+)
 from experiments.runner import RunRecord, replay, run_task
-from experiments.signal_window import excess_levels
 from experiments.tasks import digits_full_batch
 
 
@@ -56,7 +63,10 @@ def test_grokking_verdict_needs_an_alarm_on_the_plateau_and_a_clear_near_the_jum
     assert (v["fitted"], v["rising"], v["jump"]) == (160, 3500, 4000)
     assert v["met"] and v["score"] == "signal"
     assert v["settled"] == 3700 and v["settles_at_rise"]  # 3,700 is within 20 % of 3,500
-    assert v["acc_at_clear"] == 0.6  # the last evaluation at or before 3,700
+    assert v["acc_at_clear"] == 0.6  # the best evaluation at or before 3,700
+    dip = list(rec.test_acc)
+    dip[rec.steps.index(3680)] = 0.1  # a spike pulls the last evaluation before the clear
+    assert grokking_verdict(replace(rec, test_acc=dip))["acc_at_clear"] == 0.6
     rec.events = events(("onset", 3600), ("cleared", 3900))  # fires after the plateau
     assert not grokking_verdict(rec)["fires_on_plateau"]
     rec.events = events(("onset", 200), ("cleared", 1000), ("onset", 1100))  # clears early
@@ -112,6 +122,10 @@ def test_excess_levels_are_the_plateau_high_and_the_generalized_low() -> None:
     rec.agent["memorization/signal_excess"] = list(zip(emitted, excess, strict=True))
     high, low = excess_levels(rec, 800)
     assert high == 0.05 and low == 0.4
+    line = _levels_line([rec])
+    assert "clear level E ≥ 0.225" in line
+    assert "highest on a plateau is 0.05 (grok), and 0 of 1 plateaus reach" in line
+    assert "passed 90 % is 0.40 (grok), below the clear level in 0 of 1 runs." in line
 
 
 def test_full_batch_digits_trains_on_the_whole_clean_training_set_every_step() -> None:
