@@ -4,6 +4,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from experiments.demo_alarm import loss_spikes
@@ -159,3 +160,13 @@ def test_a_run_until_an_accuracy_stops_at_1_3_times_the_step_it_first_reaches_it
     assert math.ceil(1.3 * reached) - 20 <= rec.steps[-1] < math.ceil(1.3 * reached)
     steps, _ = rec.series("memorization/score")
     assert steps and max(steps) < math.ceil(1.3 * reached)
+
+
+def test_a_rerun_without_saved_records_stops_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--rerun", "fresh", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--rerun needs the records of an earlier full run" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
