@@ -3,8 +3,9 @@
 in one interleaved run on the inputs the agent really passes it.
 
 The inputs are a snapshot of one emitted step of the streaming estimator on the worst-case
-benchmark model (MLP 784-512-512-10, b=128, Adam), where the statistics are most of the
-equal-cadence overhead (bench/results/agent_breakdown.md). Variants:
+benchmark model (MLP 784-512-512-10, b=128, Adam), where the statistics are the largest
+part of the equal-cadence overhead (0.70 of 1.77 ms, bench/results/agent_breakdown.md).
+Variants:
 * eager: the function as the agent calls it;
 * compiled: ``torch.compile(layer_statistics)`` (Inductor; on CPU it needs a C++ compiler);
 * compiled, medians eager: the same with the per-layer GSNR medians kept out of the graph.

@@ -160,7 +160,7 @@ def best_constant_step(runs: list[RunRecord], every: int = 50) -> int | None:
     minima = [r.test_min_step() for r in runs]
     return max(
         range(DEFAULTS.warmup_steps, last + 1, every),
-        key=lambda c: (sum(m / 1.5 <= c <= m * 1.5 for m in minima), -c),
+        key=lambda c: (sum(onset_hits(c, m) for m in minima), -c),
     )
 
 
@@ -194,6 +194,11 @@ def candidates(rec: RunRecord) -> dict[str, tuple[int | None, int | None]]:
 
 GROK_FITTED = 0.1  # training loss at which the training set counts as fitted
 GROK_JUMP = 0.9  # held-out accuracy whose step the alarm's clear is judged against
+
+
+def onset_hits(onset: int | None, minimum: int) -> bool:
+    """The timing target: an onset within a factor 1.5 of the held-out minimum's step."""
+    return onset is not None and minimum / 1.5 <= onset <= minimum * 1.5
 
 
 def grokking_verdict(rec: RunRecord) -> dict[str, Any]:
@@ -335,16 +340,15 @@ def _grokking_lines(runs: list[RunRecord], label: str) -> list[str]:
     blips = sum(v["blips"] > 0 for v in verdicts)
     reached = [v for v in verdicts if v["jump"] is not None]
     never = [v for v in verdicts if v["jump"] is None]
+    at_clear = sorted(v["acc_at_clear"] for v in verdicts if v["acc_at_clear"] is not None)
     lines.append(
         f"* Grokking target over the {label}: **{met}/{len(verdicts)}** ({met}/{len(reached)} "
         "of the runs whose held-out accuracy passed 90 % within the run). The alarm fires on "
         f"the plateau in {sum(v['fires_on_plateau'] for v in verdicts)}/{len(verdicts)}, clears "
         f"for a moment on the plateau and fires again in {blips}/{len(verdicts)}."
         + (
-            " Best held-out accuracy by the clear: "
-            + ", ".join(f"{a:.0%}" for a in sorted(at_clear))
-            + "."
-            if (at_clear := [v["acc_at_clear"] for v in verdicts if v["acc_at_clear"] is not None])
+            " Best held-out accuracy by the clear: " + ", ".join(f"{a:.0%}" for a in at_clear) + "."
+            if at_clear
             else ""
         )
         + (
@@ -515,9 +519,6 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
             + f" | {_fmt(corr)} |"
         )
 
-    def hit(onset: int | None, minimum: int) -> bool:
-        return onset is not None and minimum / 1.5 <= onset <= minimum * 1.5
-
     lines += ["", "## Candidates against the targets", ""]
     lines += [
         "Label-noise runs with a clear minimum, onset within ×1.5: on seeds 0–2 (where the "
@@ -547,8 +548,8 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
 
     for cand in (*TAIL_VARIANTS, "tail", "gradient", "EB criterion", "mean GSNR", "loss plateau"):
         lines.append(
-            f"| {cand} | {share([hit(o[cand][0], r.test_min_step()) for r, o in noisy])} "
-            f"| {share([hit(onsets_of[id(r)][cand][0], r.test_min_step()) for r in noisy_all])} "
+            f"| {cand} | {share([onset_hits(o[cand][0], r.test_min_step()) for r, o in noisy])} "
+            f"| {share([onset_hits(onsets_of[id(r)][cand][0], r.test_min_step()) for r in noisy_all])} "
             f"| {share([o[cand][0] is None for _, o in controls])} |"
         )
     early = [r.name for r in noisy_all if r.test_min_step() < DEFAULTS.warmup_steps]
@@ -593,11 +594,11 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         f"| fixed step {_fmt(constant)} within ×1.5 |",
         "|---|---|---|---|",
     ]
-    a_all = sum(hit(alarm[id(r)], r.test_min_step()) for r in noisy_all)
+    a_all = sum(onset_hits(alarm[id(r)], r.test_min_step()) for r in noisy_all)
     for label, runs in [*by_group.items(), ("all", noisy_all)]:
         if runs:
-            a_hits = sum(hit(alarm[id(r)], r.test_min_step()) for r in runs)
-            c_hits = sum(hit(constant, r.test_min_step()) for r in runs)
+            a_hits = sum(onset_hits(alarm[id(r)], r.test_min_step()) for r in runs)
+            c_hits = sum(onset_hits(constant, r.test_min_step()) for r in runs)
             lines.append(f"| {label} | {len(runs)} | {a_hits} | {c_hits} |")
     timescale = [(r, alarm[id(r)]) for r, _, _, _ in per_run if r.kind == "digits-timescale"]
     if timescale:
@@ -608,7 +609,9 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         ]
         for r, a in timescale:
             verdict = (
-                "—" if not r.clear_minimum() else ("yes" if hit(a, r.test_min_step()) else "no")
+                "—"
+                if not r.clear_minimum()
+                else ("yes" if onset_hits(a, r.test_min_step()) else "no")
             )
             lines.append(f"| {r.name} | {r.test_min_step()} | {_fmt(a)} | {verdict} |")
     controls_all = [r for r, _ in controls]
@@ -638,14 +641,14 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
     memorizing = [r for r, _, _, _ in per_run if r.kind == "fullbatch-noisy"]
     if memorizing:
         clear = [r for r in memorizing if r.clear_minimum()]
-        hits = sum(hit(alarm[id(r)], r.test_min_step()) for r in clear)
+        hits = sum(onset_hits(alarm[id(r)], r.test_min_step()) for r in clear)
         rates = sorted({r.noise for r in memorizing})
         lines.append(
             f"* Full-batch runs with label noise (runs that memorize; outside the default "
             f"plan: `python -m experiments.run_all --rerun fullbatch-noisy`), onset within "
             f"×1.5 of a clear held-out minimum: {hits}/{len(clear)} in all, by rate "
             + ", ".join(
-                f"{z:.0%} {sum(hit(alarm[id(r)], r.test_min_step()) for r in at_z)}/{len(at_z)}"
+                f"{z:.0%} {sum(onset_hits(alarm[id(r)], r.test_min_step()) for r in at_z)}/{len(at_z)}"
                 for z in rates
                 for at_z in [[r for r in clear if r.noise == z]]
             )

@@ -175,7 +175,12 @@ def replay(
     """The alarm events the agent would have published on a recorded full-batch run with
     this signal window and scale (the signal score, default settings otherwise)."""
     settings = replace(OnsetSettings(), score="signal", signal_window=window, signal_scale=scale)
-    tracker = MemorizationTracker(0.0, None, settings)
+    return replay_tracker(rec, MemorizationTracker(0.0, None, settings))
+
+
+def replay_tracker(rec: RunRecord, tracker: MemorizationTracker) -> list[dict[str, Any]]:
+    """Feed a recorded full-batch run's training loss and signal excess through ``tracker``
+    (left holding the run's final state) and return its alarm events."""
     events: list[dict[str, Any]] = []
     # The recorded training loss (every eval_every steps; live, the agent saw every step)
     # feeds the descent factor and the falling-loss condition.

@@ -225,8 +225,14 @@ class MemorizationTracker:
         if self.loss_min is None:
             self.loss_min = value
         elif value < self.loss_min:
-            self.drop_pending += self.loss_min - value
+            self.drop_pending += self.fall(self.loss_min, value)
             self.loss_min = value
+
+    def fall(self, low: float, value: float) -> float:
+        """The weight of a fall of the training loss from its running minimum ``low`` to a
+        new low ``value`` (loss units): its size. experiments/descent_weighting.py replays
+        other weightings through this."""
+        return low - value
 
     def observe_gradient(self, t_rate: float, q_rate: float, lr: float, steps: int) -> None:
         """Feed T and Q of an emitted step; ``steps`` is the window since the last one."""

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from experiments.demo_alarm import loss_spikes
+from experiments.descent_weighting import LogFallTracker
 from experiments.run_all import (
+    DEFAULTS,
     _grokking_lines,
     _levels_line,
     best_constant_step,
@@ -16,8 +18,9 @@ from experiments.run_all import (
     grokking_verdict,
     main,
 )
-from experiments.runner import RunRecord, replay, run_task
+from experiments.runner import RunRecord, replay, replay_tracker, run_task
 from experiments.tasks import digits_full_batch
+from monitor_agent.memorization import MemorizationTracker
 
 
 def test_quick_experiments_write_a_report_with_figures(tmp_path: Path) -> None:
@@ -170,3 +173,19 @@ def test_a_rerun_without_saved_records_stops_before_training(
     assert exc.value.code == 2
     assert "--rerun needs the records of an earlier full run" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_log_fall_weighting_counts_each_decade_of_the_loss_alike() -> None:
+    rec = RunRecord("fb", "fullbatch-noisy")
+    rec.steps = [0, 20, 40]
+    rec.train_loss = [2.0, 0.2, 0.002]  # one decade with signal, then two without
+    rec.agent["memorization/signal_excess"] = [(0, 0.0), (20, 0.6), (40, -0.3)]
+    by_loss = MemorizationTracker(0.0, None, replace(DEFAULTS, score="signal"))
+    by_log = LogFallTracker(0.0, None, replace(DEFAULTS, score="signal"))
+    replay_tracker(rec, by_loss)
+    replay_tracker(rec, by_log)
+    fit_loss, fit_log = by_loss.descent_excess(), by_log.descent_excess()
+    assert fit_loss is not None and fit_log is not None
+    # Loss units: (1.8·0.6 − 0.198·0.3)/1.998; log-loss: (0.6·ln 10 − 0.3·ln 100)/ln 1000 = 0.
+    assert math.isclose(fit_loss, (1.8 * 0.6 - 0.198 * 0.3) / 1.998)
+    assert abs(fit_log) < 1e-12
