@@ -1,4 +1,5 @@
-"""The experiment tasks: digits with label noise, a fresh-data control, and grokking.
+"""The experiment tasks: digits with label noise (an MLP, and a CNN), generated Gaussian
+clusters with label noise, a fresh-data control, and grokking.
 
 Data ship inside packages (scikit-learn's digits) or are generated; nothing downloads.
 """
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_digits, make_classification
 from torch import nn
 
 from monitor_agent.demo import TinyTransformer, modular_addition
@@ -47,12 +48,22 @@ def mlp(d_in: int, n_out: int, width: int = 256) -> nn.Module:
 DIGITS_LR = 3e-4
 
 
-def digits_label_noise(
-    noise: float, seed: int, n_train: int = 1000, batch_size: int = 64, lr: float = DIGITS_LR
-) -> Task:
-    """scikit-learn digits, standardized; a fraction ``noise`` of training labels replaced
-    by a different class drawn uniformly; held-out labels are clean. ``lr`` sets Adam's
-    step and with it the run's time scale."""
+def flip_labels(
+    y: torch.Tensor, noise: float, gen: torch.Generator, classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ``y`` with a fraction ``noise`` of its labels replaced by a different
+    class drawn uniformly, and the mask of the replaced ones."""
+    n = len(y)
+    flip = torch.rand(n, generator=gen) < noise
+    shift = torch.randint(1, classes, (n,), generator=gen)
+    out = y.clone()
+    out[flip] = (out[flip] + shift[flip]) % classes
+    return out, flip
+
+
+def _digits(seed: int, n_train: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """scikit-learn digits (64 pixels) in a seeded order, standardized with the first
+    ``n_train`` examples' statistics; the generator continues the seed's stream."""
     gen = torch.Generator().manual_seed(seed)
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
@@ -64,23 +75,80 @@ def digits_label_noise(
     # and dividing by their ~0 spread blew held-out inputs up by ~10⁶ (the held-out loss
     # then started near 10 and its "minimum" was an artifact of those pixels).
     x = (x - x[:n_train].mean(0)) / x[:n_train].std(0).clamp_min(1.0)
-    tx, ty, vx, vy = x[:n_train], y[:n_train].clone(), x[n_train:], y[n_train:]
-    flip = torch.rand(n_train, generator=gen) < noise
-    shift = torch.randint(1, 10, (n_train,), generator=gen)
-    ty[flip] = (ty[flip] + shift[flip]) % 10
-    torch.manual_seed(seed)
-    model = mlp(64, 10)
-    # A small learning rate stretches the dynamics: the held-out minimum falls well
-    # after the agent's warm-up.
+    return x, y, gen
+
+
+def _label_noise_task(
+    name: str,
+    model: nn.Module,
+    lr: float,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gen: torch.Generator,
+    noise: float,
+    n_train: int,
+    batch_size: int,
+) -> Task:
+    """Mini-batch training on the first ``n_train`` examples with noisy labels (Adam at
+    ``lr``); the rest, with clean labels, are held out."""
+    tx, vx, vy = x[:n_train], x[n_train:], y[n_train:]
+    ty, flip = flip_labels(y[:n_train], noise, gen, int(y.max()) + 1)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)
         return tx[idx], ty[idx]
 
+    return Task(name, model, opt, batch, tx, ty, vx, vy, batch_size, n_train, flip)
+
+
+def digits_label_noise(
+    noise: float, seed: int, n_train: int = 1000, batch_size: int = 64, lr: float = DIGITS_LR
+) -> Task:
+    """scikit-learn digits, standardized; a fraction ``noise`` of training labels replaced
+    by a different class drawn uniformly; held-out labels are clean. ``lr`` sets Adam's
+    step and with it the run's time scale."""
+    x, y, gen = _digits(seed, n_train)
+    torch.manual_seed(seed)
+    # A small learning rate stretches the dynamics: the held-out minimum falls well
+    # after the agent's warm-up.
     name = f"digits noise={noise:.0%} seed={seed}" + (f" lr={lr:g}" if lr != DIGITS_LR else "")
-    return Task(name, model, opt, batch, tx, ty, vx, vy,
-                batch_size, n_train, flip)  # fmt: skip
+    return _label_noise_task(name, mlp(64, 10), lr, x, y, gen, noise, n_train, batch_size)
+
+
+def digits_cnn_label_noise(noise: float, seed: int, n_train: int = 1000) -> Task:
+    """The digits label-noise task with the pixels as 8×8 images and a small CNN (two 3×3
+    convolutions, a 2×2 max-pool, two linear layers): another architecture on the same
+    data, for experiments/other_tasks.py."""
+    x, y, gen = _digits(seed, n_train)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+    name = f"digits CNN noise={noise:.0%} seed={seed}"
+    return _label_noise_task(
+        name, model, DIGITS_LR, x.reshape(-1, 1, 8, 8), y, gen, noise, n_train, 64
+    )
+
+
+def mixture_label_noise(noise: float, seed: int, n_train: int = 1000) -> Task:
+    """Generated data: scikit-learn's ``make_classification`` (10 classes, one Gaussian
+    cluster each on a 16-dimensional informative subspace, 8 redundant and 8 useless
+    features, class separation 2), standardized, 2,000 examples held out; the
+    experiments' MLP. Another data set for experiments/other_tasks.py."""
+    feats, labels = make_classification(
+        n_samples=n_train + 2000, n_features=32, n_informative=16, n_redundant=8,
+        n_classes=10, n_clusters_per_class=1, class_sep=2.0, flip_y=0.0, random_state=seed,
+    )  # fmt: skip
+    x = torch.tensor(feats, dtype=torch.float32)
+    y = torch.tensor(labels, dtype=torch.long)
+    x = (x - x[:n_train].mean(0)) / x[:n_train].std(0)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    name = f"mixture noise={noise:.0%} seed={seed}"
+    return _label_noise_task(name, mlp(32, 10), DIGITS_LR, x, y, gen, noise, n_train, 64)
 
 
 def digits_full_batch(seed: int, n_train: int = 1000, noise: float = 0.0) -> Task:
