@@ -408,6 +408,14 @@ def q_over_t_correlation(rec: RunRecord, window: int = 100) -> float | None:
     return cov / math.sqrt(vp * vm) if vp > 0 and vm > 0 else None
 
 
+def figure(rec: RunRecord, out: Path) -> str:
+    """Plot a run into out/figures and return the figure's path relative to ``out``."""
+    slug = rec.name.replace(" ", "_").replace("=", "").replace("%", "pct")
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    _plot(rec, out / "figures" / f"{slug}.png")
+    return f"figures/{slug}.png"
+
+
 def _plot(rec: RunRecord, path: Path) -> None:
     """Held-out and training loss above; the scores and the agent's alarms (red: onset,
     green: cleared) below."""
@@ -467,8 +475,6 @@ def _time_by_kind(records: list[RunRecord]) -> str:
 
 def write_report(records: list[RunRecord], out: Path, command: str, seconds: float) -> str:
     """The markdown report: per-run table, candidate comparison, targets."""
-    figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
     # Runs outside the default plan (its hour's budget) are timed apart from it.
     extra = sum(r.seconds for r in records if r.kind in EXTRA_KINDS)
     extra_note = (
@@ -507,10 +513,8 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         )
         corr = q_over_t_correlation(rec)
         per_run.append((rec, onsets, agent_onset, corr))
-        slug = rec.name.replace(" ", "_").replace("=", "").replace("%", "pct")
-        _plot(rec, figs / f"{slug}.png")
         lines.append(
-            f"| [{rec.name}](figures/{slug}.png) | {rec.test_min_step()} | {'yes' if rec.clear_minimum() else 'no'} "
+            f"| [{rec.name}]({figure(rec, out)}) | {rec.test_min_step()} | {'yes' if rec.clear_minimum() else 'no'} "
             f"| {_fmt(agent_onset)} | {_fmt(agent_clear)} | "
             + " | ".join(
                 _fmt(onsets[c][0])
