@@ -20,6 +20,7 @@ experiments/OTHER_TASKS.md with a figure per run:
 from __future__ import annotations
 
 import argparse
+import functools
 import pickle
 import tempfile
 import time
@@ -37,7 +38,7 @@ from experiments.run_all import (
     figure,
     onset_hits,
 )
-from experiments.runner import RunRecord, run_task
+from experiments.runner import RunRecord, run_task, timed
 from experiments.tasks import Task, digits_cnn_label_noise, mixture_label_noise
 from server.embedded_redis import EmbeddedRedis
 
@@ -232,11 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, (_, make) in TASKS.items():
             for noise in noises:
                 for seed in seeds:
-                    t0 = time.perf_counter()
-                    rec = run_task(make(noise, seed), kind, steps, redis.url, noise=noise)
-                    rec.seconds = time.perf_counter() - t0
-                    records.append(rec)
-                    print(f"{rec.name}: {rec.seconds:.1f}s", flush=True)
+                    task = make(noise, seed)
+                    job = functools.partial(run_task, task, kind, steps, redis.url, noise=noise)
+                    records.append(timed(task.name, job))
     finally:
         redis.stop()
     seconds = time.perf_counter() - started

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from experiments.runner import RunRecord, replay, run_task
+from experiments.runner import RunRecord, replay, run_task, timed
 from experiments.tasks import Task, digits_full_batch, digits_label_noise, fresh_data, grokking
 from monitor_agent.memorization import (
     MemorizationTracker,
@@ -801,12 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         if not jobs:
             parser.error(f"--rerun {args.rerun}: no runs of that kind in the plan")
     try:
-        for label, _, job in jobs:
-            t0 = time.perf_counter()
-            rec = job()
-            rec.seconds = time.perf_counter() - t0
-            records.append(rec)
-            print(f"{label}: {rec.seconds:.1f}s", flush=True)
+        records += [timed(label, job) for label, _, job in jobs]
     finally:
         redis.stop()
     seconds = time.perf_counter() - started

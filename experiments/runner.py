@@ -4,6 +4,7 @@ ground truth (which the agent never sees), and baseline statistics on the same r
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -139,6 +140,15 @@ def run_task(
             task.optimizer.zero_grad(set_to_none=True)
             run.log({"train/loss": loss.item()}, step)
     read_back(redis_url, run, rec)
+    return rec
+
+
+def timed(label: str, job: Callable[[], RunRecord]) -> RunRecord:
+    """Run one experiment job, keep its wall time (seconds) on the record, and print it."""
+    t0 = time.perf_counter()
+    rec = job()
+    rec.seconds = time.perf_counter() - t0
+    print(f"{label}: {rec.seconds:.1f}s", flush=True)
     return rec
 
 
