@@ -131,16 +131,18 @@ def bench_workload(
         per_round = [t / b for t, b in zip(times[name], times["no monitoring"], strict=True)]
         ratios[name] = statistics.median(per_round)
     n_params = sum(p.numel() for p in base.parameters())
-    extra = {}
+    extra, scratch = {}, {}
     for name, (_, run) in setups.items():
         if run is not None:
             mon = run._monitor
             extra[name] = mon.state_bytes() / (4 * n_params)
+            scratch[name] = mon.workspace.nbytes() / (4 * n_params)
             run.finish()
     return {
         "step_ms": statistics.median(times["no monitoring"]) * 1e3,
         "ratios": ratios,
         "extra_buffers": extra,
+        "scratch_buffers": scratch,
         "params": n_params,
         "skipped": skipped,
     }
@@ -294,10 +296,13 @@ def main() -> None:
         "",
         "Cells are the median over rounds of step time with the agent / step time without "
         "(1.000 = no overhead). 'state' is the agent's per-step state as a fraction of one "
-        "parameter-sized float32 buffer.",
+        "parameter-sized float32 buffer; 'scratch' the emitted step's working rows, which "
+        "the agent keeps between steps on the CPU (signal_stats.Workspace), in the same unit.",
         "",
-        "| workload | step (ms) | " + " | ".join(columns) + " | state (default) |",
-        "|---|---|" + "---|" * len(columns) + "---|",
+        "| workload | step (ms) | "
+        + " | ".join(columns)
+        + " | state (default) | scratch (default) |",
+        "|---|---|" + "---|" * len(columns) + "---|---|",
     ]
     if args.memory_only:
         lines = lines[:4]
@@ -311,7 +316,8 @@ def main() -> None:
         lines.append(
             f"| {w.name} | {res['step_ms']:.2f} | "
             + " | ".join(cells)
-            + f" | {res['extra_buffers']['channelscope default']:.3f} |"
+            + f" | {res['extra_buffers']['channelscope default']:.3f}"
+            + f" | {res['scratch_buffers']['channelscope default']:.3f} |"
         )
     if args.peers:
         lines += [

@@ -35,6 +35,45 @@ HIST_EDGES = [x / 2 for x in range(-16, 9)]  # log10 SNR from -8 to 4, 24 bins
 _TINY = 1e-30
 
 
+class Workspace:
+    """Scratch tensors of the per-step work, kept from one step to the next on the CPU.
+
+    A fresh CPU tensor of a few hundred KiB or more comes in new pages (glibc maps large
+    blocks, and trims the heap that the training step frees into), and the first write to
+    each 4 KiB page faults. The emitted step's (rows × coordinates) buffer alone took 263
+    faults a step on the 784-512-512-10 benchmark MLP, ~0.7 ms, most of what the statistics
+    cost inside a training step. A kept tensor faults once. On other devices the caching
+    allocator already reuses memory, and past ``limit`` bytes kept in all a tensor is made
+    per use again, so full coverage of a large model keeps no parameter-sized scratch."""
+
+    def __init__(
+        self, n: int, dtype: torch.dtype, device: torch.device, limit: int = 64 * 2**20
+    ) -> None:
+        self.n, self.dtype, self.device = n, dtype, device
+        self.limit = limit if device.type == "cpu" else 0
+        self._kept: dict[str, torch.Tensor] = {}
+
+    def get(
+        self, name: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """An uninitialized tensor for ``name`` (n coordinates of the workspace's dtype by
+        default), the same one on every call while it fits the limit."""
+        shape = (self.n,) if shape is None else shape
+        dtype = self.dtype if dtype is None else dtype
+        kept = self._kept.pop(name, None)
+        if kept is not None and kept.shape == shape and kept.dtype == dtype:
+            self._kept[name] = kept
+            return kept
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        if self.nbytes() + t.numel() * t.element_size() <= self.limit:
+            self._kept[name] = t
+        return t
+
+    def nbytes(self) -> int:
+        """Bytes the workspace keeps between steps."""
+        return sum(t.numel() * t.element_size() for t in self._kept.values())
+
+
 @dataclass(frozen=True)
 class GateSettings:
     """Constants of the gates: α of the batch gate, λ of the soft gate, α_n of the
@@ -83,17 +122,20 @@ def layer_statistics(
     bounds: list[tuple[int, int]],
     batch_size: int,
     gate: GateSettings,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-layer statistics (rows of LAYER_FIELDS × layers), the overall ones (one value
     per field) and the rates [T, Q] = [Σ w m²_pop, Σ w (m²_pop − α_n ŝ)] of §4.5, as
     device tensors, on an emitted step. ``closed_run`` counts, per coordinate, how many
-    evaluations in a row its gate was closed; it is updated in place."""
+    evaluations in a row its gate was closed; it is updated in place. ``workspace`` holds
+    the scratch rows between calls (the monitor passes its own)."""
     # This runs on every emitted step, where each kernel moves little data: every row
     # is written straight into one (rows × coordinates) buffer, comparisons write floats
     # (a bool result costs ~4× a float one on CPU), and all fields come out of the
     # per-layer sums through two small matrix products.
     n = g.numel()
-    cols = torch.empty((_ROWS, n), dtype=g.dtype, device=g.device)
+    scratch = workspace if workspace is not None else Workspace(n, g.dtype, g.device, limit=0)
+    cols = scratch.get("statistics", (_ROWS, n))
     is_open, q, qg2, g2, wg2, ws, s_col, pop_open, persistent, wm2p = cols.unbind(0)
     torch.mul(g, g, out=g2)
     threshold = s if gate.alpha == 1 else gate.alpha * s
@@ -106,7 +148,7 @@ def layer_statistics(
     torch.mul(w, g2, out=wg2)
     torch.mul(w, s_col, out=ws)
     # A saturating count of closed evaluations in a row (uint8: one byte a coordinate).
-    closed = torch.empty(n, dtype=torch.uint8, device=g.device)
+    closed = scratch.get("closed", (n,), torch.uint8)
     torch.le(m2, threshold, out=closed)
     closed_run.clamp_(max=253).add_(1).mul_(closed)
     torch.ge(closed_run, gate.reservoir_evals, out=persistent)

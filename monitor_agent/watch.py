@@ -232,6 +232,7 @@ class Monitor:
         # agent's state is one float buffer (s) and one byte per coordinate.
         self._own_m: torch.Tensor | None = None
         self.closed_run = torch.zeros(self.n_coords, dtype=torch.uint8, device=device)
+        self.workspace = st.Workspace(self.n_coords, self.dtype, device)
         self.nonfinite = torch.zeros((), dtype=self.dtype, device=device)
         self.n_updates = 0
         # With exact per-example noise the streaming estimate is only the fallback for
@@ -640,8 +641,9 @@ class Monitor:
         w = self._w
         m2_pop = m2 if exact is None else m_hat * m_hat
         per_layer, overall, rates = st.layer_statistics(
-            g, s, m2, w, m2_pop, self.closed_run, self.bounds, self.batch_size, self.gate
-        )
+            g, s, m2, w, m2_pop, self.closed_run, self.bounds, self.batch_size, self.gate,
+            self.workspace,
+        )  # fmt: skip
         parts: dict[str, torch.Tensor] = {
             "overall": overall,
             "per_layer": per_layer.reshape(-1),

@@ -47,8 +47,15 @@ def test_layer_statistics_match_a_per_field_twin() -> None:
     s, m2, w, m2p = rand(), rand(), rand(), rand()
     gate = st.GateSettings(alpha=1.0, soft_lambda=0.7, alpha_n=0.3, reservoir_evals=2)
     closed = torch.zeros(n, dtype=torch.uint8)
+    closed_kept = closed.clone()
+    workspace = st.Workspace(n, torch.float64, torch.device("cpu"))
     for _ in range(2):  # two closed evaluations in a row make a coordinate persistent
         per_layer, overall, rates = st.layer_statistics(g, s, m2, w, m2p, closed, bounds, 32, gate)
+        kept = st.layer_statistics(
+            g, s, m2, w, m2p, closed_kept, bounds, 32, gate, workspace
+        )  # the same numbers when the scratch rows are kept and reused
+        for a, b in zip((per_layer, overall, rates), kept, strict=True):
+            assert torch.equal(a, b)
     persistent = (m2 <= s).double()
     torch.testing.assert_close(
         rates,
@@ -71,3 +78,20 @@ def test_layer_statistics_match_a_per_field_twin() -> None:
                 torch.tensor(want[field], dtype=torch.float64),
                 rtol=1e-12, atol=1e-12,
             )  # fmt: skip
+
+
+def test_workspace_reuses_its_tensors_within_its_limit() -> None:
+    cpu = torch.device("cpu")
+    ws = st.Workspace(1000, torch.float32, cpu, limit=6000)
+    rows = ws.get("rows", (1, 1000))
+    assert ws.get("rows", (1, 1000)) is rows  # kept: the same memory on every call
+    assert ws.get("rows", (2, 1000)) is not rows  # a new shape replaces the kept tensor
+    assert ws.nbytes() == 0  # 8,000 bytes do not fit a 6,000-byte limit: made per use
+    v = ws.get("v")
+    assert v.shape == (1000,) and v.dtype == torch.float32
+    assert ws.get("v") is v and ws.nbytes() == 4000
+    small = ws.get("mask", (1000,), torch.uint8)
+    assert ws.get("mask", (1000,), torch.uint8) is small and ws.nbytes() == 5000
+    assert ws.get("w") is not ws.get("w")  # past the limit: a fresh tensor each call
+    meta = st.Workspace(1000, torch.float32, torch.device("meta"))
+    assert meta.get("v") is not meta.get("v") and meta.nbytes() == 0  # off the CPU: never kept
