@@ -38,13 +38,15 @@ _TINY = 1e-30
 class Workspace:
     """Scratch tensors of the per-step work, kept from one step to the next on the CPU.
 
-    A fresh CPU tensor of a few hundred KiB or more comes in new pages (glibc maps large
+    A fresh CPU tensor of a few hundred KiB or more can come in new pages (glibc maps large
     blocks, and trims the heap that the training step frees into), and the first write to
-    each 4 KiB page faults. The emitted step's (rows × coordinates) buffer alone took 263
-    faults a step on the 784-512-512-10 benchmark MLP, ~0.7 ms, most of what the statistics
-    cost inside a training step. A kept tensor faults once. On other devices the caching
-    allocator already reuses memory, and past ``limit`` bytes kept in all a tensor is made
-    per use again, so full coverage of a large model keeps no parameter-sized scratch."""
+    each 4 KiB page faults: in a process training the 784-512-512-10 benchmark MLP the
+    emitted step's (rows × coordinates) buffer took 263 faults a step, about a third of the
+    statistics' 1.1 ms inside a training step. Smaller per-step vectors, fresh each step,
+    came from the same heap as the training step's own tensors, which then faulted more.
+    A kept tensor faults once. On other devices the caching allocator already reuses
+    memory, and past ``limit`` bytes kept in all a tensor is made per use again, so full
+    coverage of a large model keeps no parameter-sized scratch."""
 
     def __init__(
         self, n: int, dtype: torch.dtype, device: torch.device, limit: int = 64 * 2**20
@@ -72,6 +74,10 @@ class Workspace:
     def nbytes(self) -> int:
         """Bytes the workspace keeps between steps."""
         return sum(t.numel() * t.element_size() for t in self._kept.values())
+
+    def kept(self) -> dict[str, torch.Tensor]:
+        """The tensors kept between steps, by name."""
+        return dict(self._kept)
 
 
 @dataclass(frozen=True)

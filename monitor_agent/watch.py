@@ -385,14 +385,16 @@ class Monitor:
                 cap.remove()
 
     # ----- per-step work --------------------------------------------------------------
-    def _flat(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+    def _flat(self, tensors: list[torch.Tensor | None], name: str) -> torch.Tensor:
+        """The sampled coordinates of ``tensors`` as one flat vector, written into the
+        workspace tensor ``name`` (valid until the next step)."""
         pieces = []
         for t, idx, (lo, hi) in zip(tensors, self.idx, self.bounds, strict=True):
             if t is None:
                 pieces.append(torch.zeros(hi - lo, dtype=self.dtype, device=self.s.device))
             else:
                 pieces.append(sampled_flat(t.detach(), idx, self.dtype))
-        return torch.cat(pieces)
+        return torch.cat(pieces, out=self.workspace.get(name))
 
     def _adam_state(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         """Per-parameter optimizer state and group when every watched parameter has
@@ -433,7 +435,8 @@ class Monitor:
             return self.m, self.beta, float(self.n_updates)
         states, groups = adam
         seen = float(states[0].get("step", 0))
-        return self._flat([s["exp_avg"] for s in states]), float(groups[0]["betas"][0]), seen
+        exp_avg = self._flat([s["exp_avg"] for s in states], "exp_avg")
+        return exp_avg, float(groups[0]["betas"][0]), seen
 
     def _step_scale(self, adam: Any) -> torch.Tensor:
         """w: learning rate over the optimizer's per-coordinate denominator."""
@@ -524,7 +527,11 @@ class Monitor:
         if not (emit or update):
             self._reset_captures(step)
             return
-        g = self._flat([p.grad for p in self.params])
+        # Every per-step vector lives in the workspace: fresh ones came from (and returned
+        # to) the heap the training step allocates from, and its own tensors then faulted
+        # more (~250 more page faults a step on the 1024-wide benchmark MLP).
+        work = self.workspace
+        g = self._flat([p.grad for p in self.params], "g")
         adam = self._adam_state()
         m_prev, beta, seen = self._first_moment(adam)
         # One reduction: a NaN or Inf anywhere makes the sum non-finite.
@@ -541,10 +548,11 @@ class Monitor:
         if emit:
             # m̂ including this step, bias-corrected, for the gate and the population gate;
             # taken before the update, which may overwrite m_prev (the agent's own EMA).
-            m_hat = torch.lerp(m_prev, g, 1 - beta).mul_(1 / (1 - beta ** (seen + 1)))
+            m_hat = torch.lerp(m_prev, g, 1 - beta, out=work.get("m_hat"))
+            m_hat.mul_(1 / (1 - beta ** (seen + 1)))
         if update:
             # s ← (1−w)s + w(g − m_{t−1})², with w = 0 on a non-finite step.
-            d = torch.sub(g, m_prev)
+            d = torch.sub(g, m_prev, out=work.get("d"))
             self.s.lerp_(d.mul_(d), (1 - self.rho) * ok)
             if adam is None or not self.full_coverage:
                 self.m.lerp_(g, (1 - beta) * ok)
@@ -615,9 +623,10 @@ class Monitor:
     def streaming_noise(self, beta: float) -> torch.Tensor:
         """ŝ from the streaming estimator: the EMA of (g_t − m_{t−1})², bias-corrected
         for its start, times (1+β)/2 because m_{t−1} carries noise of its own:
-        E[(g − m)²] = σ²/b · 2/(1+β) for a stationary gradient."""
+        E[(g − m)²] = σ²/b · 2/(1+β) for a stationary gradient. A workspace tensor: valid
+        until the next step."""
         start = 1 - self.rho ** max(self.n_updates, 1)
-        return self.s * ((1 + beta) / 2 / start)
+        return torch.mul(self.s, (1 + beta) / 2 / start, out=self.workspace.get("s_stream"))
 
     def _emit(
         self, step: int, g: torch.Tensor, m_hat: torch.Tensor, beta: float, adam: Any
@@ -627,10 +636,10 @@ class Monitor:
         self._exact = exact
         if exact is not None:
             s, estimator = exact.s, exact.estimator
-            m2 = g * g
+            m2 = torch.mul(g, g, out=self.workspace.get("m2"))
         else:
             s, estimator = s_stream, STREAMING
-            m2 = m_hat * m_hat
+            m2 = torch.mul(m_hat, m_hat, out=self.workspace.get("m2"))
         self._last_estimator = estimator
         warm = estimator != STREAMING or self.n_updates * self.stride >= 1 / (1 - self.rho)
         with_hist = self._due("hist", step, self.hist_every) is not None
@@ -639,7 +648,7 @@ class Monitor:
             self._w = self._step_scale(adam)
             self._w_kind = adam is not None
         w = self._w
-        m2_pop = m2 if exact is None else m_hat * m_hat
+        m2_pop = m2 if exact is None else torch.mul(m_hat, m_hat, out=self.workspace.get("m2_pop"))
         per_layer, overall, rates = st.layer_statistics(
             g, s, m2, w, m2_pop, self.closed_run, self.bounds, self.batch_size, self.gate,
             self.workspace,
