@@ -11,7 +11,10 @@ Configurations, each on its own copy of the model (same seed and batch):
   could reach;
 * the update plus every emitted-step statistic, computed and moved to the host but not
   published (the monitor's publish step replaced by a no-op);
-* everything: computed and published every step through the sender thread to a real Redis.
+* everything: computed and published every step through the sender thread to a real Redis;
+* everything again, with every per-step tensor (the gathered gradient, m̂, ŝ, the
+  statistics' rows) made anew on every call (a workspace that keeps nothing), as before
+  the monitor kept them: its row is what the kept workspace saves.
 
 Each part's cost is the difference of medians of per-round ratios to the plain step, in
 milliseconds of that step. Run:
@@ -49,12 +52,15 @@ PARTS: dict[str, dict[str, Any] | None] = {
     "update + emitted step, statistics free": {**STREAMING, "emit_every": 1},
     "update + statistics": {**STREAMING, "emit_every": 1},
     "update + statistics + publish": {**STREAMING, "emit_every": 1},
+    "the same, per-step tensors made anew": {**STREAMING, "emit_every": 1},
 }
 
 
 def _no_publish(name: str, run: cs.Run) -> None:
     monitor = run._monitor
     assert monitor is not None
+    if name == "the same, per-step tensors made anew":
+        monitor.workspace = st.Workspace(monitor.n_coords, monitor.dtype, monitor.s.device, limit=0)
     if name in ("update + statistics", "update + emitted step, statistics free"):
         # Everything up to the host transfer, nothing handed to the sender.
         monitor._publish = lambda *args: None

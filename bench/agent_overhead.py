@@ -296,8 +296,9 @@ def main() -> None:
         "",
         "Cells are the median over rounds of step time with the agent / step time without "
         "(1.000 = no overhead). 'state' is the agent's per-step state as a fraction of one "
-        "parameter-sized float32 buffer; 'scratch' the emitted step's working rows, which "
-        "the agent keeps between steps on the CPU (signal_stats.Workspace), in the same unit.",
+        "parameter-sized float32 buffer; 'scratch' the per-step working tensors (the gathered "
+        "gradient, m̂, ŝ, the statistics' rows), which the agent keeps between steps on the "
+        "CPU (signal_stats.Workspace), in the same unit.",
         "",
         "| workload | step (ms) | "
         + " | ".join(columns)
