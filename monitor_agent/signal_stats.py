@@ -40,10 +40,10 @@ class Workspace:
 
     A fresh CPU tensor of a few hundred KiB or more can come in new pages (glibc maps large
     blocks, and trims the heap that the training step frees into), and the first write to
-    each 4 KiB page faults: in a process training the 784-512-512-10 benchmark MLP the
-    emitted step's (rows × coordinates) buffer took 263 faults a step, about a third of the
-    statistics' 1.1 ms inside a training step. Smaller per-step vectors, fresh each step,
-    came from the same heap as the training step's own tensors, which then faulted more.
+    each 4 KiB page faults: made anew each step, the agent's per-step tensors took 53
+    faults a step inside its hook while a process trained the 784-512-512-10 benchmark
+    MLP (bench/results/single_model.md), and they came from the same heap as the training
+    step's own tensors, which then faulted more.
     A kept tensor faults once. On other devices the caching allocator already reuses
     memory, and past ``limit`` bytes kept in all a tensor is made per use again, so full
     coverage of a large model keeps no parameter-sized scratch."""
