@@ -127,16 +127,20 @@ TAIL_VARIANTS = {  # each OnsetSettings with score="tail" (set in replay_tail)
 }
 
 
-def replay_tail(rec: RunRecord, settings: OnsetSettings) -> tuple[int | None, int | None]:
-    """Onset and clear of the agent's tracker with ``settings`` fed the run's published
-    probe summaries (every 50 steps) and training loss (every 10 steps)."""
+def replay_tail(
+    rec: RunRecord, settings: OnsetSettings, tracker: MemorizationTracker | None = None
+) -> tuple[int | None, int | None]:
+    """Onset and clear of the agent's tracker with ``settings`` (or of ``tracker``, left
+    holding the run's final state) fed the run's published probe summaries (every 50
+    steps) and training loss (every 10 steps)."""
     ms, mv = rec.series("memorization/probe_loss_median")
     hs, hv = rec.series("memorization/disagree_fraction")
     if not hs:
         return None, None
     med, dis = dict(zip(ms, mv, strict=True)), dict(zip(hs, hv, strict=True))
     loss = dict(zip(rec.steps, rec.train_loss, strict=True))
-    tracker = MemorizationTracker(1.0, math.log(10), replace(settings, score="tail"))
+    if tracker is None:
+        tracker = MemorizationTracker(1.0, math.log(10), replace(settings, score="tail"))
     onset = cleared = None
     for step in range(0, max(rec.steps) + 1, 10):
         if step in loss:
