@@ -527,9 +527,10 @@ class Monitor:
         if not (emit or update):
             self._reset_captures(step)
             return
-        # Every per-step vector lives in the workspace: fresh ones came from (and returned
-        # to) the heap the training step allocates from, and its own tensors then faulted
-        # more (~250 more page faults a step on the 1024-wide benchmark MLP).
+        # Every per-step vector lives in the workspace: fresh ones come from (and return to)
+        # the heap the training step allocates from, which changes how often the step's own
+        # tensors fault (bench/results/single_model.md, equal cadence on the 1024-wide MLP:
+        # 2,111 faults a step with them made anew, 1,736 kept).
         work = self.workspace
         g = self._flat([p.grad for p in self.params], "g")
         adam = self._adam_state()
