@@ -10,7 +10,9 @@ recorded runs of ``make experiments`` and ``make experiments-other`` through the
 own tracker and onset rule and prints:
 
 * per noisy run: H_ref, the score when the held-out loss is lowest (the θ_on that would
-  have been on time), the default onset and its ratio to the minimum's step;
+  have been on time), the default onset and its ratio to the minimum's step, and what
+  stopping at that onset would have cost: the held-out loss there over its minimum,
+  beside the same at the run's last step (training on without the alarm);
 * θ_on as a function of the peak, θ_on = clip(a − b·H_ref, 0.3, 0.9), over a grid of
   (a, b), chosen on the tuning runs (digits MLP seeds 0–2 and the other tasks' seed 0:
   most hits, then no alarm on any clean or fresh-data run, then the smallest b and the a
@@ -99,6 +101,12 @@ def score_at_minimum(tracker: ThresholdTracker, minimum: int) -> tuple[float, fl
     return before[-1][1], before[-1][2]
 
 
+def loss_ratio(rec: RunRecord, step: int) -> float:
+    """The held-out loss at the last evaluation at or before ``step``, over its minimum."""
+    at = max(i for i, s in enumerate(rec.steps) if s <= step)
+    return rec.test_loss[at] / min(rec.test_loss)
+
+
 def counts(runs: dict[str, list[RunRecord]], a: float, b: float) -> dict[str, tuple[int, int]]:
     """Per group: (runs meeting the group's target, runs): onset within ×1.5 of the
     held-out minimum for noisy runs, no alarm for controls."""
@@ -134,16 +142,28 @@ def main(argv: list[str] | None = None) -> int:
             runs[group].append(rec)
 
     print("| run | group | H_ref | score at the held-out minimum | min step | default onset "
-          "| onset ÷ min |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "| onset ÷ min | held-out loss ÷ min: at the onset | at the end |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    cost: dict[str, list[tuple[float, float]]] = {}
     for group in ("tuning", "check"):
         for rec in runs[group]:
             tracker, onset = replay(rec, DEFAULTS.theta_on, 0.0)
             minimum = rec.test_min_step()
             score, h_ref = score_at_minimum(tracker, minimum)
             ratio = _fmt(onset / minimum) if onset is not None else "—"
+            at_end = loss_ratio(rec, rec.steps[-1])
+            at_onset = loss_ratio(rec, onset) if onset is not None else math.nan
+            if onset is not None:
+                cost.setdefault(rec.kind, []).append((at_onset, at_end))
             print(f"| {rec.name} | {group} | {_fmt(h_ref)} | {_fmt(score)} | {minimum} "
-                  f"| {onset if onset is not None else '—'} | {ratio} |")  # fmt: skip
+                  f"| {onset if onset is not None else '—'} | {ratio} | {_fmt(at_onset)} "
+                  f"| {_fmt(at_end)} |")  # fmt: skip
+    print()
+    print("Held-out loss over its minimum, stopping at the default onset / at the run's end "
+          "(median, max; runs with an onset): "
+          + "; ".join(f"{kind} {statistics.median(a for a, _ in v):.2f}, {max(a for a, _ in v):.2f}"
+                      f" / {statistics.median(e for _, e in v):.2f}, {max(e for _, e in v):.2f} "
+                      f"({len(v)})" for kind, v in cost.items()))  # fmt: skip
 
     grid = {(a, b): counts(runs, a, b) for a, b in itertools.product(GRID_A, GRID_B)}
     silent = {k: v for k, v in grid.items() if v["control"][0] == v["control"][1]}

@@ -65,6 +65,13 @@ def test_the_command_replays_saved_records(
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| digits noise=10% seed=0 | tuning | 0.19 |" in out
+    # the held-out loss (1 + 0.5·|s − 1200|/3000) at the onset and at step 3,000, over 1.0
+    _, onset = replay(runs[0], 0.5, 0.0)
+    assert onset is not None
+    assert (
+        f"| {onset} | {onset / 1200:.2f} | {1 + 0.5 * abs(onset - 1200) / 3000:.2f} | 1.30 |" in out
+    )
+    assert "Held-out loss over its minimum, stopping at the default onset" in out
     assert "| mixture noise=10% seed=1 | check |" in out
     assert "| default: 0.5 |" in out and "chosen: clip(" in out
     with pytest.raises(SystemExit):
