@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test lint typecheck pytest chromium serve experiments experiments-other bench bench-peers clean
+.PHONY: demo test lint typecheck pytest chromium serve experiments experiments-other bench bench-peers bench-single-model clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -63,3 +63,9 @@ clean:
 
 bench-peers: .venv-peers/.installed
 	.venv-peers/bin/python bench/agent_overhead.py --peers
+
+# Equal cadence in a process that trains one model, beside BackPACK (~4 min each).
+bench-single-model: .venv-peers/.installed
+	.venv-peers/bin/python bench/single_model.py
+	.venv-peers/bin/python bench/single_model.py --steady-heap \
+	  --out bench/results/single_model_steady_heap.md
