@@ -33,6 +33,9 @@ LAYER_FIELDS = (
 )
 HIST_EDGES = [x / 2 for x in range(-16, 9)]  # log10 SNR from -8 to 4, 24 bins
 _TINY = 1e-30
+# The most a Workspace keeps between steps (the monitor also caps it at one
+# parameter-sized buffer).
+WORKSPACE_LIMIT = 64 * 2**20
 
 
 class Workspace:
@@ -49,7 +52,7 @@ class Workspace:
     coverage of a large model keeps no parameter-sized scratch."""
 
     def __init__(
-        self, n: int, dtype: torch.dtype, device: torch.device, limit: int = 64 * 2**20
+        self, n: int, dtype: torch.dtype, device: torch.device, limit: int = WORKSPACE_LIMIT
     ) -> None:
         self.n, self.dtype, self.device = n, dtype, device
         self.limit = limit if device.type == "cpu" else 0

@@ -232,7 +232,13 @@ class Monitor:
         # agent's state is one float buffer (s) and one byte per coordinate.
         self._own_m: torch.Tensor | None = None
         self.closed_run = torch.zeros(self.n_coords, dtype=torch.uint8, device=device)
-        self.workspace = st.Workspace(self.n_coords, self.dtype, device)
+        # Scratch kept between steps stays within one parameter-sized buffer, so the agent's
+        # memory grows with the model as its state does; a model whose sample is large next
+        # to its parameters (a small CNN) keeps only part of it and makes the rest per use.
+        param_bytes = sum(p.numel() for p in self.params) * (torch.finfo(self.dtype).bits // 8)
+        self.workspace = st.Workspace(
+            self.n_coords, self.dtype, device, limit=min(st.WORKSPACE_LIMIT, param_bytes)
+        )
         self.nonfinite = torch.zeros((), dtype=self.dtype, device=device)
         self.n_updates = 0
         # With exact per-example noise the streaming estimate is only the fallback for

@@ -98,9 +98,13 @@ def test_every_step_reuses_the_workspace_tensors(redis_url: str) -> None:
     # unsettled the heap the training step allocates from; the monitor's workspace hands
     # the same tensors to every step.
     torch.manual_seed(random.randrange(10**9))
-    model, opt, x, y = _tanh_mlp(40, 256)
+    model, opt, x, y = _tanh_mlp(300, 256)
+    params = sum(p.numel() for p in model.parameters())
     with cs.init("t", "scratch", redis_url=redis_url) as run:
-        mon = run.watch(model, opt, batch_size=32, dataset_size=256, emit_every=1, budget=None)
+        mon = run.watch(
+            model, opt, batch_size=32, dataset_size=256, emit_every=1, budget=None,
+            min_coords=1000,
+        )  # fmt: skip
         assert isinstance(mon, Monitor)
         _train(model, opt, 2, x, y)
         kept = {name: t.data_ptr() for name, t in mon.workspace.kept().items()}
@@ -109,7 +113,16 @@ def test_every_step_reuses_the_workspace_tensors(redis_url: str) -> None:
         size = mon.workspace.nbytes()
         _train(model, opt, 3, x, y)
         assert {name: t.data_ptr() for name, t in mon.workspace.kept().items()} == kept
-        assert mon.workspace.nbytes() == size
+        assert mon.workspace.nbytes() == size <= 4 * params
+    # A model whose every coordinate is tracked keeps at most one parameter-sized buffer
+    # of scratch; the rest is made per use.
+    small, opt, x, y = _tanh_mlp(20, 64)
+    with cs.init("t", "scratch-small", redis_url=redis_url) as run:
+        mon = run.watch(small, opt, batch_size=32, dataset_size=64, emit_every=1, budget=None)
+        assert isinstance(mon, Monitor)
+        _train(small, opt, 3, x, y)
+        assert 0 < mon.workspace.nbytes() <= 4 * sum(p.numel() for p in small.parameters())
+        assert "statistics" not in mon.workspace.kept()
 
 
 def test_budget_thins_the_schedule_and_overhead_is_reported(
