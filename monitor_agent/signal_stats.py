@@ -48,8 +48,8 @@ class Workspace:
     MLP (bench/results/single_model.md), and they came from the same heap as the training
     step's own tensors, which then faulted more.
     A kept tensor faults once. On other devices the caching allocator already reuses
-    memory, and past ``limit`` bytes kept in all a tensor is made per use again, so full
-    coverage of a large model keeps no parameter-sized scratch."""
+    memory, and past ``limit`` bytes kept in all a tensor is made per use again (the
+    monitor's limit is one parameter-sized buffer, at most WORKSPACE_LIMIT)."""
 
     def __init__(
         self, n: int, dtype: torch.dtype, device: torch.device, limit: int = WORKSPACE_LIMIT
