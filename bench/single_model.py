@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import monitor_agent as cs
-from bench.peers import Unsupported, plain_step
+from bench.peers import Unsupported, backpack_variance, plain_step
 from bench.workloads import WORKLOADS, Workload
 from monitor_agent import signal_stats as st
 from server.embedded_redis import EmbeddedRedis
@@ -117,31 +117,14 @@ def _ours(w: Workload, redis_url: str, default: bool) -> dict[str, Callable[[], 
 
 
 def _backpack(w: Workload) -> dict[str, Callable[[], None]]:
-    """One BackPACK-extended model, trained without and with the Variance extension."""
-    try:
-        from backpack import backpack, extend
-        from backpack.extensions import Variance
-    except ImportError as exc:
-        raise Unsupported("backpack-for-pytorch is not installed") from exc
+    """One BackPACK-extended model (``extend`` works in place), trained without and with
+    the Variance extension."""
     torch.manual_seed(0)
-    model = extend(w.make())
-    lossfn = extend(torch.nn.CrossEntropyLoss())
+    model = w.make()
     x, y = w.batch(torch.device("cpu"))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def plain() -> None:
-        lossfn(model(x), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def variance() -> None:
-        loss = lossfn(model(x), y)
-        with backpack(Variance()):
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return {BACKPACK[0]: plain, BACKPACK[1]: variance}
+    variance = backpack_variance(model, opt, x, y)
+    return {BACKPACK[0]: plain_step(model, opt, x, y), BACKPACK[1]: variance}
 
 
 def child(workload: str, which: str, rounds: int, steps: int, redis_url: str) -> None:
