@@ -56,7 +56,8 @@ PARTS: dict[str, dict[str, Any] | None] = {
 }
 
 
-def _no_publish(name: str, run: cs.Run) -> None:
+def _prepare(name: str, run: cs.Run) -> None:
+    """Set a watched run up as its configuration's row asks."""
     monitor = run._monitor
     assert monitor is not None
     if name == "the same, per-step tensors made anew":
@@ -102,7 +103,7 @@ def main() -> None:
             if args.only in w.name and "transformer" not in w.name:
                 res = bench_workload(
                     w, args.rounds, args.steps, torch.device("cpu"), redis.url,
-                    configs=PARTS, prepare=_no_publish,
+                    configs=PARTS, prepare=_prepare,
                 )  # fmt: skip
                 results.append((w, res))
                 print(w.name, results[-1][1], flush=True)

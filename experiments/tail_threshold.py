@@ -38,12 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments.other_tasks import TASKS
 from experiments.run_all import DEFAULTS, _fmt, onset_hits, replay_tail
 from experiments.runner import RunRecord
 from monitor_agent.memorization import MemorizationTracker, OnsetSettings
 
 LOW, HIGH = 0.3, 0.9  # θ_on never leaves this range, whatever the peak
-MINI_BATCH = ("digits", "digits-validation", "digits-timescale", "digits-cnn", "mixture")
+OTHER_TASKS = tuple(TASKS)  # the record kinds of `make experiments-other`
+MINI_BATCH = ("digits", "digits-validation", "digits-timescale", *OTHER_TASKS)
 GRID_A = [round(0.5 + 0.05 * i, 2) for i in range(9)]  # 0.50 … 0.90
 GRID_B = [round(0.25 * i, 2) for i in range(9)]  # 0 … 2
 
@@ -88,7 +90,7 @@ def group_of(rec: RunRecord) -> str:
         return "control"
     if rec.kind not in MINI_BATCH or not rec.clear_minimum():
         return ""
-    if rec.kind == "digits" or (rec.kind in ("digits-cnn", "mixture") and seed_of(rec) == 0):
+    if rec.kind == "digits" or (rec.kind in OTHER_TASKS and seed_of(rec) == 0):
         return "tuning"
     return "check"
 
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
           "| onset ÷ min | held-out loss ÷ min: at the onset | at the end |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     cost: dict[str, list[tuple[float, float]]] = {}
+    by_kind: dict[str, list[float]] = {}
     for group in ("tuning", "check"):
         for rec in runs[group]:
             tracker, onset = replay(rec, DEFAULTS.theta_on, 0.0)
@@ -155,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             at_onset = loss_ratio(rec, onset) if onset is not None else math.nan
             if onset is not None:
                 cost.setdefault(rec.kind, []).append((at_onset, at_end))
+            if math.isfinite(score):
+                by_kind.setdefault(f"{rec.kind} {rec.noise:.0%}", []).append(score)
             print(f"| {rec.name} | {group} | {_fmt(h_ref)} | {_fmt(score)} | {minimum} "
                   f"| {onset if onset is not None else '—'} | {ratio} | {_fmt(at_onset)} "
                   f"| {_fmt(at_end)} |")  # fmt: skip
@@ -185,11 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         c = grid[key]
         print(f"| {label} | {_share(c['tuning'])} | {_share(c['check'])} "
               f"| {_share(c['control'])} |")  # fmt: skip
-    by_kind: dict[str, list[float]] = {}
-    for rec in runs["tuning"] + runs["check"]:
-        score, _ = score_at_minimum(replay(rec, DEFAULTS.theta_on, 0.0)[0], rec.test_min_step())
-        if math.isfinite(score):
-            by_kind.setdefault(f"{rec.kind} {rec.noise:.0%}", []).append(score)
     print()
     print("Median score at the held-out minimum, by task and noise rate: "
           + "; ".join(f"{k} {statistics.median(v):.2f} ({len(v)})"

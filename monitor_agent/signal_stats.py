@@ -65,10 +65,10 @@ class Workspace:
         default), the same one on every call while it fits the limit."""
         shape = (self.n,) if shape is None else shape
         dtype = self.dtype if dtype is None else dtype
-        kept = self._kept.pop(name, None)
+        kept = self._kept.get(name)
         if kept is not None and kept.shape == shape and kept.dtype == dtype:
-            self._kept[name] = kept
             return kept
+        self._kept.pop(name, None)  # another shape: the old tensor no longer counts
         t = torch.empty(shape, dtype=dtype, device=self.device)
         if self.nbytes() + t.numel() * t.element_size() <= self.limit:
             self._kept[name] = t
