@@ -31,6 +31,10 @@ class Task:
     batch_size: int
     dataset_size: int | None
     noisy: torch.Tensor | None = None
+    # The training-set rows ``batch`` draws at a step, for studies that must tell the
+    # step's own examples from the rest; ``batch(step)`` is then train_x/train_y at them.
+    # Each call draws anew: call one of the two per step.
+    indices: Callable[[int], torch.Tensor] | None = None
 
 
 def mlp(d_in: int, n_out: int, width: int = 256) -> nn.Module:
@@ -95,11 +99,14 @@ def _label_noise_task(
     ty, flip = flip_labels(y[:n_train], noise, gen, int(y.max()) + 1)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
-    def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, n_train, (batch_size,), generator=gen)
+    def indices(_step: int) -> torch.Tensor:
+        return torch.randint(0, n_train, (batch_size,), generator=gen)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = indices(step)
         return tx[idx], ty[idx]
 
-    return Task(name, model, opt, batch, tx, ty, vx, vy, batch_size, n_train, flip)
+    return Task(name, model, opt, batch, tx, ty, vx, vy, batch_size, n_train, flip, indices)
 
 
 def digits_label_noise(
@@ -164,6 +171,7 @@ def digits_full_batch(seed: int, n_train: int = 1000, noise: float = 0.0) -> Tas
         name=f"digits full batch{label} seed={seed}",
         batch=lambda _step: whole,
         noisy=task.noisy if noise else None,
+        indices=None,
     )
 
 
