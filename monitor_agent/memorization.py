@@ -59,7 +59,8 @@ from torch import nn
 
 from monitor_agent.kernel import probe_mode
 
-SCORES = ("auto", "signal", "tail", "gradient")
+SCORES = ("auto", "signal", "signal_or_tail", "tail", "gradient")
+REFERENCES = ("auto", "peak", "peak_at_low", "fitted")
 
 
 @functools.lru_cache(maxsize=64)
@@ -98,9 +99,13 @@ class OnsetSettings:
     warmup_steps: int = 200
     ema_steps: int = 100
     fitted_loss: float = 0.25
-    # "peak": H_ref is the largest H̄ after warm-up (chosen on the experiments);
-    # "fitted": H̄ when the probe's median loss first falls below fitted_loss.
-    reference: str = "peak"
+    # "peak": H_ref is the largest H̄ after warm-up (chosen on the mini-batch experiments);
+    # "peak_at_low": the same, over probes taken while the training loss is at its lowest
+    # so far (a loss spike's disagreement re-covers ground already covered; chosen on the
+    # full-batch experiments, where grokking's spikes bring disagreement back);
+    # "fitted": H̄ when the probe's median loss first falls below fitted_loss;
+    # "auto": "peak_at_low" with the score "signal_or_tail", else "peak".
+    reference: str = "auto"
     min_reference: float = 0.05
     probe_every: int = 50
     # The signal score: M = clip(1 − E/signal_scale, 0, 1) on the median excess E over
@@ -115,6 +120,20 @@ class OnsetSettings:
     # none of 8 (`python -m experiments.signal_window`, experiments/REPORT.md).
     signal_scale: float = 0.25
     signal_window: int = 800
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"memorization score {self.score!r}: expected one of {SCORES}")
+        if self.reference not in REFERENCES:
+            raise ValueError(
+                f"memorization reference {self.reference!r}: expected one of {REFERENCES}"
+            )
+
+    def resolved_reference(self) -> str:
+        """The tail reference in use: "auto" resolved by the score."""
+        if self.reference != "auto":
+            return self.reference
+        return "peak_at_low" if self.score == "signal_or_tail" else "peak"
 
 
 @dataclass
@@ -204,6 +223,7 @@ class MemorizationTracker:
     # each fall of it is credited to the next signal excess measured (drop_pending), and
     # descent_num/descent_den accumulate the fall-weighted excess.
     loss_min: float | None = None
+    at_low: bool = True  # the last logged training loss was the lowest so far
     drop_pending: float = 0.0
     descent_num: float = 0.0
     descent_den: float = 0.0
@@ -222,6 +242,7 @@ class MemorizationTracker:
         self.loss_ema = value if self.loss_ema is None else (1 - a) * self.loss_ema + a * value
         # Only new lows count: the recovery from a loss spike re-covers ground already
         # covered, with every example pulling the same way (a high excess).
+        self.at_low = self.loss_min is None or value <= self.loss_min
         if self.loss_min is None:
             self.loss_min = value
         elif value < self.loss_min:
@@ -252,9 +273,10 @@ class MemorizationTracker:
         self.h_bar = (
             tail.disagree if self.h_bar is None else (1 - a) * self.h_bar + a * tail.disagree
         )
-        if self.settings.reference == "peak":
+        reference = self.settings.resolved_reference()
+        if reference in ("peak", "peak_at_low"):
             # The most the network ever disagreed with its labels after warm-up.
-            if step >= self.settings.warmup_steps:
+            if step >= self.settings.warmup_steps and (reference == "peak" or self.at_low):
                 self.h_ref = max(self.h_ref or 0.0, self.h_bar)
         elif self.h_ref is None and tail.median < self.settings.fitted_loss:
             self.h_ref = self.h_bar
@@ -324,6 +346,8 @@ class MemorizationTracker:
             kind = "tail" if self.chance_loss is not None else "gradient"
         if kind == "signal":
             return self.signal_score()
+        if kind == "signal_or_tail":
+            return max(self.signal_score(), self.tail_score())
         return self.tail_score() if kind == "tail" else self.gradient_score()
 
     def loss_falling(self) -> bool:

@@ -24,7 +24,6 @@ from torch import nn
 from monitor_agent import signal_stats as st
 from monitor_agent.kernel import ProbeKernel
 from monitor_agent.memorization import (
-    SCORES,
     MemorizationTracker,
     OnsetSettings,
     TailStatistics,
@@ -302,6 +301,7 @@ class Monitor:
         onset = replace(
             onset, score=self._score_kind(onset.score, noise, chance, batch_size, dataset_size)
         )
+        onset = replace(onset, reference=onset.resolved_reference())
         self.tracker: MemorizationTracker | None = None
         if dataset_size is not None:
             # Full batch (n ≤ b) has no training-set floor (α_n = 0, gradient score 0),
@@ -362,12 +362,10 @@ class Monitor:
         dataset_size: int | None,
     ) -> str:
         """The memorization score the onset rule will use (``OnsetSettings.score``)."""
-        if asked not in SCORES:
-            raise ValueError(f"memorization score {asked!r}: expected one of {SCORES}")
         exact = noise in ("per_example", "microbatch") or self.ranks is not None
-        if asked == "signal" and not exact:
+        if asked in ("signal", "signal_or_tail") and not exact:
             raise ValueError(
-                "memorization score 'signal' needs an exact noise estimator: "
+                f"memorization score {asked!r} needs an exact noise estimator: "
                 "noise='per_example' or 'microbatch', or DDP ranks"
             )
         if asked == "auto":
@@ -375,10 +373,12 @@ class Monitor:
             # training-set gate of §4.5 (leave one training example out); on mini-batches
             # it measures batch noise, which says nothing about memorizing the set.
             full_batch = dataset_size is not None and batch_size >= dataset_size
-            asked = "signal" if exact and full_batch else "tail"
+            asked = "signal_or_tail" if exact and full_batch else "tail"
+        # Without a classification probe there is no chance level to disagree with.
         if asked == "tail" and chance is None:
-            # Without a classification probe there is no chance level to disagree with.
             return "gradient"
+        if asked == "signal_or_tail" and chance is None:
+            return "signal"
         return asked
 
     # ----- lifecycle ------------------------------------------------------------------

@@ -74,6 +74,44 @@ def test_peak_reference_is_the_most_disagreement_after_warm_up() -> None:
     assert tracker.tail_score() == pytest.approx(0.8)
 
 
+def test_peak_at_low_takes_the_reference_only_while_the_training_loss_is_at_its_low() -> None:
+    settings = OnsetSettings(ema_steps=1, warmup_steps=200, reference="peak_at_low")
+    tracker = MemorizationTracker(0.05, 2.3, settings)
+    for step, loss, h in ((200, 1.0, 0.2), (250, 0.5, 0.25), (300, 3.0, 0.6), (350, 0.5, 0.1)):
+        tracker.observe_loss(loss)  # a spike at 300: its disagreement is not a reference
+        tracker.observe_tail(TailStatistics(1.0, 2.0, 3.0, h), 50, step)
+    assert tracker.h_ref == pytest.approx(0.25)  # 0.5 again at 350 is at the low: counted
+    assert tracker.tail_score() == pytest.approx(0.6)
+    plain = MemorizationTracker(0.05, 2.3, OnsetSettings(ema_steps=1, warmup_steps=200))
+    plain.observe_loss(3.0)
+    plain.observe_loss(4.0)
+    plain.observe_tail(TailStatistics(1.0, 2.0, 3.0, 0.6), 50, 200)
+    assert plain.h_ref == pytest.approx(0.6)  # "peak" takes every probe after warm-up
+    unlogged = MemorizationTracker(0.05, 2.3, settings)
+    unlogged.observe_tail(TailStatistics(1.0, 2.0, 3.0, 0.3), 50, 200)
+    assert unlogged.h_ref == pytest.approx(0.3)  # no loss logged: no gate
+
+
+def test_signal_or_tail_is_the_larger_of_the_two_scores() -> None:
+    settings = OnsetSettings(score="signal_or_tail", ema_steps=1, signal_window=100)
+    tracker = MemorizationTracker(0.0, 2.3, settings)
+    tracker.observe_excess(0.2, 200)  # signal: 1 − 0.2/0.25 = 0.2
+    for step, h in ((200, 0.4), (250, 0.1)):  # tail: 0.75
+        tracker.observe_tail(TailStatistics(1.0, 2.0, 3.0, h), 50, step)
+    assert tracker.signal_score() == pytest.approx(0.2)
+    assert tracker.score() == pytest.approx(0.75)
+    tracker.observe_excess(-0.5, 260)
+    tracker.observe_excess(-0.5, 270)  # median −0.5: signal 1
+    assert tracker.score() == pytest.approx(1.0)
+
+
+def test_settings_reject_an_unknown_score_or_reference() -> None:
+    with pytest.raises(ValueError, match="memorization score 'median': expected one of"):
+        OnsetSettings(score="median")
+    with pytest.raises(ValueError, match="memorization reference 'max': expected one of"):
+        OnsetSettings(reference="max")
+
+
 def test_gradient_score_and_progress_curves() -> None:
     tracker = MemorizationTracker(0.1, None, OnsetSettings(score="gradient", ema_steps=10))
     for _ in range(50):
@@ -227,11 +265,20 @@ def _full_batch_run(
     return run
 
 
-def test_full_batch_exact_training_uses_the_signal_score(
+def _settings_of(client: redis.Redis, run: Run) -> dict[str, object]:
+    settings: dict[str, object] = wire.decode_meta(client.hgetall(run.keys.meta(run.id)))[
+        "settings"
+    ]["memorization"]
+    return settings
+
+
+def test_full_batch_exact_training_uses_the_signal_or_tail_score(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
     run = _full_batch_run(redis_url, "per_example", 48)
-    assert _score_of(redis_client, run) == "signal"
+    assert _score_of(redis_client, run) == "signal_or_tail"
+    # The tail's reference skips probes taken in a training-loss spike.
+    assert _settings_of(redis_client, run)["reference"] == "peak_at_low"
     scalars = [
         wire.decode("scalars", f)["s"]
         for _, f in redis_client.xrange(run.keys.stream(run.id, "scalars"))
@@ -248,10 +295,22 @@ def test_full_batch_exact_training_uses_the_signal_score(
         for s in scalars
         if "memorization/signal_score" in s
     )
+    # The score the onset rule uses is the larger of the two.
+    assert all(
+        s["memorization/score"]
+        == max(s["memorization/signal_score"], s["memorization/tail_score"])
+        for s in scalars
+        if "memorization/score" in s
+    )
+    signal = _full_batch_run(redis_url, "per_example", 48, {"score": "signal"})
+    assert _score_of(redis_client, signal) == "signal"
+    assert _settings_of(redis_client, signal)["reference"] == "peak"
     # Mini-batches: the batch gate says nothing about the training set; the tail score.
     assert _score_of(redis_client, _full_batch_run(redis_url, "per_example", 16)) == "tail"
     assert _score_of(redis_client, _full_batch_run(redis_url, "streaming", 48)) == "tail"
     with pytest.raises(ValueError, match="exact noise estimator"):
         _full_batch_run(redis_url, "streaming", 48, {"score": "signal"})
+    with pytest.raises(ValueError, match="'signal_or_tail' needs an exact noise estimator"):
+        _full_batch_run(redis_url, "streaming", 48, {"score": "signal_or_tail"})
     with pytest.raises(ValueError, match="expected one of"):
         _full_batch_run(redis_url, "streaming", 48, {"score": "median"})
