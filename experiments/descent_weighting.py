@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import sys
 from dataclasses import replace
-from pathlib import Path
 
-from experiments.run_all import DEFAULTS, _fmt, grokking_verdict, onset_hits
-from experiments.runner import RunRecord, replay_tracker
+from experiments.full_batch_replay import RECORDS, Variant, compare, load_runs
+from experiments.run_all import DEFAULTS
 from monitor_agent.memorization import MemorizationTracker
-
-KINDS = ("grokking", "grokking-heldout", "fullbatch-clean", "fullbatch-noisy")
 
 
 class LogFallTracker(MemorizationTracker):
@@ -41,45 +37,19 @@ class LogFallTracker(MemorizationTracker):
         return math.log(max(low, 1e-12)) - math.log(max(value, 1e-12))
 
 
-WEIGHTINGS: dict[str, type[MemorizationTracker]] = {
-    "loss (the agent's)": MemorizationTracker,
-    "log-loss": LogFallTracker,
+SIGNAL = replace(DEFAULTS, score="signal")
+WEIGHTINGS: dict[str, Variant] = {
+    "falls weighted by loss (the agent's)": lambda: MemorizationTracker(0.0, None, SIGNAL),
+    "falls weighted by log-loss": lambda: LogFallTracker(0.0, None, SIGNAL),
 }
-
-
-def judge(rec: RunRecord, tracker_type: type[MemorizationTracker]) -> tuple[str, bool, str]:
-    """(group, target met, one printed line) for one run replayed with ``tracker_type``."""
-    settings = replace(DEFAULTS, score="signal")
-    tracker = tracker_type(0.0, None, settings)
-    events = replay_tracker(rec, tracker)
-    onset = next((e["step"] for e in events if e["kind"] == "memorization_onset"), None)
-    if rec.kind.startswith("grokking"):
-        group, ok = "grokking", bool(grokking_verdict(replace(rec, events=events))["met"])
-    elif rec.kind == "fullbatch-clean":
-        group, ok = "clean", onset is None
-    else:
-        group, ok = f"noisy {rec.noise:.0%}", onset_hits(onset, rec.test_min_step())
-    line = f"  {rec.name}: E_fit {_fmt(tracker.descent_excess(), 3)}, onset {_fmt(onset)}"
-    return group, ok, line + (", met" if ok else ", not met")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print each weighting's replayed verdicts and their counts per group."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", default=str(Path(__file__).parent / "out" / "records.pkl"))
+    parser.add_argument("--records", default=RECORDS)
     args = parser.parse_args(argv)
-    with open(args.records, "rb") as fh:
-        runs = [r for r in pickle.load(fh)["records"] if r.kind in KINDS]
-    if not runs:
-        parser.error(f"{args.records}: no full-batch runs (run the --rerun kinds first)")
-    for name, tracker_type in WEIGHTINGS.items():
-        print(f"falls weighted by {name}")
-        counts: dict[str, list[bool]] = {}
-        for rec in runs:
-            group, ok, line = judge(rec, tracker_type)
-            counts.setdefault(group, []).append(ok)
-            print(line)
-        print("  " + ", ".join(f"{g} {sum(v)}/{len(v)}" for g, v in counts.items()))
+    compare(load_runs(parser, args.records), WEIGHTINGS)
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from experiments.runner import RunRecord, replay, run_task, timed
+from experiments.runner import RunRecord, replay, replay_tracker, run_task, timed
 from experiments.tasks import Task, digits_full_batch, digits_label_noise, fresh_data, grokking
 from monitor_agent.memorization import (
     MemorizationTracker,
@@ -79,6 +79,7 @@ FULLBATCH_NOISY_SEEDS = [0, 1, 2, 3, 4]
 FULLBATCH_NOISES = [0.1, 0.2, 0.4]
 # Kinds that only `--rerun KIND` runs; the report times them apart from the default plan.
 EXTRA_KINDS = ("grokking-heldout", "fullbatch-clean", "fullbatch-noisy")
+FULL_BATCH_KINDS = ("grokking", *EXTRA_KINDS)
 # The label-noise runs by how they bear on the default: report label -> RunRecord.kind.
 GROUPS = {
     "seeds 0–2 (the default was chosen on these)": "digits",
@@ -124,6 +125,19 @@ TAIL_VARIANTS = {  # each OnsetSettings with score="tail" (set in replay_tail)
     "tail, ref = peak after warm-up, θ_on = 0.3": OnsetSettings(reference="peak", theta_on=0.3),
     "tail, ref = peak after warm-up, θ_on = 0.5": OnsetSettings(reference="peak", theta_on=0.5),
     "tail, ref = peak after warm-up, θ_on = 0.7": OnsetSettings(reference="peak", theta_on=0.7),
+}
+
+
+# The full-batch scores, replayed offline (experiments/full_batch_scores.py prints them per
+# run): the signal score alone (the default until the full-batch label-noise sweep), and the
+# larger of it and the tail score, whose reference comes from every probe after warm-up or
+# only from probes taken at a training-loss low (the default).
+FULL_BATCH_VARIANTS = {
+    "signal": OnsetSettings(score="signal"),
+    "signal or tail, H_ref = peak": OnsetSettings(score="signal_or_tail", reference="peak"),
+    "signal or tail, H_ref = peak at a training-loss low (the agent's)": OnsetSettings(
+        score="signal_or_tail", reference="peak_at_low"
+    ),
 }
 
 
@@ -257,6 +271,49 @@ def grokking_verdict(rec: RunRecord) -> dict[str, Any]:
         "met": on_plateau and at_jump, "score": score, "settled": settled,
         "settles_at_rise": at_rise, "blips": blips, "acc_at_clear": acc_at_clear,
     }  # fmt: skip
+
+
+def full_batch_verdict(rec: RunRecord, events: list[dict[str, Any]]) -> tuple[str, bool]:
+    """(group, target met) of a full-batch run with these alarm events: grokking runs by
+    the grokking target, clean-label runs by silence, label-noise runs by an onset within
+    ×1.5 of the held-out minimum (groups "grokking", "clean", "noisy 10%", …)."""
+    onset = next((e["step"] for e in events if e["kind"] == "memorization_onset"), None)
+    if rec.kind.startswith("grokking"):
+        return "grokking", bool(grokking_verdict(replace(rec, events=events))["met"])
+    if rec.kind == "fullbatch-clean":
+        return "clean", onset is None
+    return f"noisy {rec.noise:.0%}", onset_hits(onset, rec.test_min_step())
+
+
+def full_batch_comparison(runs: list[RunRecord]) -> list[str]:
+    """Report lines: each full-batch score variant replayed on the full-batch runs, with
+    its count of runs meeting their target per group."""
+    groups: dict[str, int] = {}
+    for rec in runs:
+        group, _ = full_batch_verdict(rec, rec.events)
+        groups[group] = groups.get(group, 0) + 1
+    order = sorted(groups, key=lambda g: (g != "grokking", g != "clean", g))
+    lines = [
+        "",
+        "### The full-batch score",
+        "",
+        "Each full-batch run above replayed through the agent's tracker with each score (its "
+        "published signal excess every 10 steps, probe summaries every 50, and the training "
+        "loss recorded every 20 steps, where the agent saw every step; so a replay can differ "
+        "a little from the live alarm). Targets: grokking as in the list above; clean labels: no alarm; "
+        "label noise: onset within ×1.5 of the held-out minimum.",
+        "",
+        "| score | " + " | ".join(order) + " |",
+        "|---|" + "---|" * len(order),
+    ]
+    for label, settings in FULL_BATCH_VARIANTS.items():
+        met = dict.fromkeys(order, 0)
+        for rec in runs:
+            events = replay_tracker(rec, MemorizationTracker(0.0, None, settings))
+            group, ok = full_batch_verdict(rec, events)
+            met[group] += ok
+        lines.append(f"| {label} | " + " | ".join(f"{met[g]}/{groups[g]}" for g in order) + " |")
+    return lines
 
 
 def alarm_history(events: list[dict[str, Any]]) -> str:
@@ -711,6 +768,9 @@ def write_report(records: list[RunRecord], out: Path, command: str, seconds: flo
         f"(per run, 100-step windows): median {_fmt(statistics.median(corrs) if corrs else None)} "
         f"over {len(corrs)} runs."
     )
+    full = [r for r, _, _, _ in per_run if r.kind in FULL_BATCH_KINDS]
+    if full:
+        lines += full_batch_comparison(full)
     text = "\n".join(lines) + "\n"
     (out / "REPORT.md").write_text(text)
     return text

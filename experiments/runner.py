@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 import monitor_agent as cs
 from experiments.tasks import Task
 from monitor_agent import wire
-from monitor_agent.memorization import MemorizationTracker, OnsetSettings
+from monitor_agent.memorization import MemorizationTracker, OnsetSettings, TailStatistics
 
 
 @dataclass
@@ -189,17 +189,24 @@ def replay(
 
 
 def replay_tracker(rec: RunRecord, tracker: MemorizationTracker) -> list[dict[str, Any]]:
-    """Feed a recorded full-batch run's training loss and signal excess through ``tracker``
-    (left holding the run's final state) and return its alarm events."""
+    """Feed a recorded full-batch run's training loss, probe summaries and signal excess
+    through ``tracker`` (left holding the run's final state) and return its alarm events."""
     events: list[dict[str, Any]] = []
     # The recorded training loss (every eval_every steps; live, the agent saw every step)
-    # feeds the descent factor and the falling-loss condition.
+    # feeds the descent factor, the falling-loss condition and the tail's "at its low".
     losses = iter(zip(rec.steps, rec.train_loss, strict=True))
     pending = next(losses, None)
+    median = dict(zip(*rec.series("memorization/probe_loss_median"), strict=True))
+    disagree = dict(zip(*rec.series("memorization/disagree_fraction"), strict=True))
+    last_probe = 0
     for step, excess in zip(*rec.series("memorization/signal_excess"), strict=True):
         while pending is not None and pending[0] <= step:
             tracker.observe_loss(pending[1])
             pending = next(losses, None)
+        if step in disagree and step in median:
+            summary = TailStatistics(median[step], 0.0, 0.0, disagree[step])
+            tracker.observe_tail(summary, step - last_probe, step)
+            last_probe = step
         tracker.observe_excess(excess, step)
         events += tracker.step_onset(step)
     return events

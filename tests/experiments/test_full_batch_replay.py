@@ -1,0 +1,82 @@
+"""The full-batch replays: the score variants, their verdicts and the scripts."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from experiments import descent_weighting, full_batch_scores
+from experiments.full_batch_replay import compare
+from experiments.run_all import FULL_BATCH_VARIANTS, full_batch_comparison, full_batch_verdict
+from experiments.runner import RunRecord
+
+
+def _memorizing(name: str, kind: str, noise: float, spike: bool = False) -> RunRecord:
+    """A full-batch run fitted with shared signal (the excess 0.6 over its whole fall, so
+    the signal score stays 0) whose probe disagreement falls from 0.2 after warm-up; with
+    ``spike`` the disagreement instead comes only with a training-loss spike at 400–440."""
+    rec = RunRecord(name, kind, noise=noise)
+    rec.steps = list(range(0, 1001, 20))
+    rec.train_loss = [2.0 * 0.995**s for s in rec.steps]
+    rec.test_loss = [1.0 + abs(s - 300) / 1000 for s in rec.steps]  # minimum at 300
+    rec.agent["memorization/signal_excess"] = [(s, 0.6) for s in range(0, 1001, 10)]
+    probe = range(0, 1001, 50)
+    if spike:
+        for i, s in enumerate(rec.steps):
+            if 400 <= s <= 440:
+                rec.train_loss[i] = 3.0
+        share = [0.2 if 400 <= s <= 440 else 0.0 for s in probe]
+    else:
+        share = [0.2 if s <= 200 else max(0.0, 0.2 - 0.002 * (s - 200)) for s in probe]
+    rec.agent["memorization/disagree_fraction"] = list(zip(probe, share, strict=True))
+    rec.agent["memorization/probe_loss_median"] = [(s, 0.1) for s in probe]
+    return rec
+
+
+def test_the_tail_beside_the_signal_catches_a_fit_reached_with_signal() -> None:
+    rec = _memorizing("digits full batch noise=10% seed=0", "fullbatch-noisy", 0.1)
+    table = full_batch_comparison([rec])
+    assert table[-5].startswith("| score | noisy 10% |")
+    rows = table[-3:]
+    assert rows[0].startswith("| signal |") and rows[0].endswith("| 0/1 |")
+    assert all(row.endswith("| 1/1 |") for row in rows[1:])
+    assert len(rows) == len(FULL_BATCH_VARIANTS)
+    assert full_batch_verdict(rec, []) == ("noisy 10%", False)
+    onset = [{"kind": "memorization_onset", "step": 300}]
+    assert full_batch_verdict(rec, onset) == ("noisy 10%", True)
+    clean = RunRecord("digits full batch seed=0", "fullbatch-clean")
+    assert full_batch_verdict(clean, []) == ("clean", True)
+    assert full_batch_verdict(clean, onset) == ("clean", False)
+
+
+def test_a_spike_s_disagreement_is_no_reference_at_a_training_loss_low() -> None:
+    rec = _memorizing("digits full batch seed=1", "fullbatch-clean", 0.0, spike=True)
+    met = compare([rec], full_batch_scores.VARIANTS)
+    peak, at_low = (
+        met["signal or tail, H_ref = peak"],
+        met["signal or tail, H_ref = peak at a training-loss low (the agent's)"],
+    )
+    assert peak == {"clean": 0}  # the spike's disagreement, refitted, fires the alarm
+    assert at_low == {"clean": 1}
+
+
+def test_the_scripts_replay_saved_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "records.pkl"
+    runs = [_memorizing("digits full batch noise=10% seed=0", "fullbatch-noisy", 0.1),
+            RunRecord("digits noise=10% seed=0", "digits")]  # fmt: skip
+    with open(path, "wb") as fh:
+        pickle.dump({"records": runs, "command": "test", "seconds": 0.0}, fh)
+    assert full_batch_scores.main(["--records", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "digits full batch noise=10% seed=0" in out and "noisy 10% 1/1" in out
+    assert "digits noise=10% seed=0" not in out  # mini-batch runs are not replayed
+    assert descent_weighting.main(["--records", str(path)]) == 0
+    assert "falls weighted by log-loss" in capsys.readouterr().out
+    with open(path, "wb") as fh:
+        pickle.dump({"records": runs[1:], "command": "test", "seconds": 0.0}, fh)
+    with pytest.raises(SystemExit):
+        full_batch_scores.main(["--records", str(path)])
