@@ -297,8 +297,7 @@ def test_full_batch_exact_training_uses_the_signal_or_tail_score(
     )
     # The score the onset rule uses is the larger of the two.
     assert all(
-        s["memorization/score"]
-        == max(s["memorization/signal_score"], s["memorization/tail_score"])
+        s["memorization/score"] == max(s["memorization/signal_score"], s["memorization/tail_score"])
         for s in scalars
         if "memorization/score" in s
     )
@@ -312,5 +311,25 @@ def test_full_batch_exact_training_uses_the_signal_or_tail_score(
         _full_batch_run(redis_url, "streaming", 48, {"score": "signal"})
     with pytest.raises(ValueError, match="'signal_or_tail' needs an exact noise estimator"):
         _full_batch_run(redis_url, "streaming", 48, {"score": "signal_or_tail"})
+
+
+def test_full_batch_regression_has_no_tail_beside_the_signal_score(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with cs.init("t", "signal-regression", redis_url=redis_url) as run:
+        run.watch(model, opt, batch_size=32, dataset_size=32, noise="per_example",
+                  emit_every=5, probe=(x, y))  # fmt: skip
+        for step in range(10):
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.log({"train/loss": loss.item()}, step)
+    # No chance level to disagree with: the signal score alone.
+    assert _score_of(redis_client, run) == "signal"
+    assert _settings_of(redis_client, run)["reference"] == "peak"
     with pytest.raises(ValueError, match="expected one of"):
         _full_batch_run(redis_url, "streaming", 48, {"score": "median"})
