@@ -19,12 +19,11 @@ a little from the live ones.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import replace
 
-from experiments.full_batch_replay import RECORDS, Variant, compare, load_runs
+from experiments.full_batch_replay import Variant, replay_main
 from experiments.run_all import DEFAULTS
 from monitor_agent.memorization import MemorizationTracker
 
@@ -46,11 +45,7 @@ WEIGHTINGS: dict[str, Variant] = {
 
 def main(argv: list[str] | None = None) -> int:
     """Print each weighting's replayed verdicts and their counts per group."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", default=RECORDS)
-    args = parser.parse_args(argv)
-    compare(load_runs(parser, args.records), WEIGHTINGS)
-    return 0
+    return replay_main(argv, __doc__.splitlines()[0], WEIGHTINGS)
 
 
 if __name__ == "__main__":

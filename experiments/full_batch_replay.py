@@ -60,3 +60,12 @@ def compare(runs: list[RunRecord], variants: dict[str, Variant]) -> dict[str, di
         print("  " + ", ".join(f"{g} {sum(v)}/{len(v)}" for g, v in counts.items()))
         met[name] = {g: sum(v) for g, v in counts.items()}
     return met
+
+
+def replay_main(argv: list[str] | None, description: str, variants: dict[str, Variant]) -> int:
+    """A replay script's command line: ``--records PATH``, then :func:`compare`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--records", default=RECORDS)
+    args = parser.parse_args(argv)
+    compare(load_runs(parser, args.records), variants)
+    return 0

@@ -22,10 +22,9 @@ live run).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from experiments.full_batch_replay import RECORDS, Variant, compare, load_runs
+from experiments.full_batch_replay import Variant, replay_main
 from experiments.run_all import FULL_BATCH_VARIANTS
 from monitor_agent.memorization import MemorizationTracker, OnsetSettings
 
@@ -39,11 +38,7 @@ VARIANTS = {label: _variant(settings) for label, settings in FULL_BATCH_VARIANTS
 
 def main(argv: list[str] | None = None) -> int:
     """Print each variant's replayed verdicts and their counts per group."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", default=RECORDS)
-    args = parser.parse_args(argv)
-    compare(load_runs(parser, args.records), VARIANTS)
-    return 0
+    return replay_main(argv, __doc__.splitlines()[0], VARIANTS)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ Two families of evidence are computed side by side on every emitted step:
   H_ref when the probe's median loss fell below 0.25; it missed every 40 %-noise run, see
   experiments/REPORT.md, and remains available as ``reference="fitted"``.)
 
-* **signal** (the default for full-batch training with an exact noise estimator:
-  per-example, micro-batch or DDP ranks): the hard occupancy O of the leave-one-out gate
+* **signal** (full-batch training with an exact noise estimator: per-example,
+  micro-batch or DDP ranks): the hard occupancy O of the leave-one-out gate
   ḡ² > Σ/(b−1) over the exactly measured coordinates. With b = n this is the
   training-set gate of §4.5: does the training-set gradient survive leaving one training
   example out? With no population signal (μ = 0) and Gaussian noise,
@@ -39,6 +39,15 @@ Two families of evidence are computed side by side on every emitted step:
   factor is 1. The streaming estimator
   has no such null (its ŝ mixes batch noise and drift; full batch has no batch noise),
   so with it the tail score is used.
+
+* **signal_or_tail** (the default for full-batch training with an exact estimator and a
+  classification probe): the larger of the two. A fit reached mostly with shared signal
+  holds the signal score at 0 even while a small noisy share is memorized (10 % label
+  noise on full-batch digits: no alarm in 5/5 runs); the tail score sees that share. Its
+  reference there is "peak_at_low": H̄ counts only at probes taken while the training loss
+  is at its lowest so far, since a loss spike (grokking has many) brings disagreement
+  back over ground already covered, and refitting it is no memorization
+  (experiments/REPORT.md, "The full-batch score").
 
 The onset rule is the design's: after warm-up, *arm* when the score is at least θ_on
 while the training loss still falls; *fire* after P consecutive emitted windows (the
