@@ -38,11 +38,12 @@ def _memorizing(name: str, kind: str, noise: float, spike: bool = False) -> RunR
 def test_the_tail_beside_the_signal_catches_a_fit_reached_with_signal() -> None:
     rec = _memorizing("digits full batch noise=10% seed=0", "fullbatch-noisy", 0.1)
     table = full_batch_comparison([rec])
-    assert table[-5].startswith("| score | noisy 10% |")
-    rows = table[-3:]
+    head = table.index("| score | noisy 10% |")
+    rows = table[head + 2 : head + 2 + len(FULL_BATCH_VARIANTS)]
     assert rows[0].startswith("| signal |") and rows[0].endswith("| 0/1 |")
     assert all(row.endswith("| 1/1 |") for row in rows[1:])
-    assert len(rows) == len(FULL_BATCH_VARIANTS)
+    # The reference the agent's variant took, against the tail's floor.
+    assert "by group: noisy 10% 0.200–0.200. Below 0.05 the tail score is 0." in table[-1]
     assert full_batch_verdict(rec, []) == ("noisy 10%", False)
     onset = [{"kind": "memorization_onset", "step": 300}]
     assert full_batch_verdict(rec, onset) == ("noisy 10%", True)
