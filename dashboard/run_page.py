@@ -77,9 +77,8 @@ PANELS = (
         "ingredients: the probe-tail score (training examples the network disagreed with, now "
         "being fitted), the signal score of full-batch training (the share of coordinates "
         "whose training-set gradient survives leaving one example out, beyond chance: the "
-        "signal excess; on full batch the score is the larger of it and the tail score) and "
-        "the gradient score 1 − Q̄/T̄. The alarm fires when the score stays above its "
-        "threshold.",
+        "signal excess) and the gradient score 1 − Q̄/T̄. The alarm fires when the score "
+        "stays above its threshold.",
         "No memorization score: watch(..., dataset_size=n, probe=(x, y)) enables it.",
         markers=True,
     ),

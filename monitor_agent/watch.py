@@ -373,7 +373,7 @@ class Monitor:
             # training-set gate of §4.5 (leave one training example out); on mini-batches
             # it measures batch noise, which says nothing about memorizing the set.
             full_batch = dataset_size is not None and batch_size >= dataset_size
-            asked = "signal_or_tail" if exact and full_batch else "tail"
+            asked = "signal" if exact and full_batch else "tail"
         # Without a classification probe there is no chance level to disagree with.
         if asked == "tail" and chance is None:
             return "gradient"

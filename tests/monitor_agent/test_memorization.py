@@ -272,12 +272,14 @@ def _settings_of(client: redis.Redis, run: Run) -> dict[str, object]:
     return settings
 
 
-def test_full_batch_exact_training_uses_the_signal_or_tail_score(
+def test_full_batch_exact_training_uses_the_signal_score(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
-    run = _full_batch_run(redis_url, "per_example", 48)
+    assert _score_of(redis_client, _full_batch_run(redis_url, "per_example", 48)) == "signal"
+    # Asked for, the larger of the signal and tail scores; the tail's reference then skips
+    # probes taken in a training-loss spike.
+    run = _full_batch_run(redis_url, "per_example", 48, {"score": "signal_or_tail"})
     assert _score_of(redis_client, run) == "signal_or_tail"
-    # The tail's reference skips probes taken in a training-loss spike.
     assert _settings_of(redis_client, run)["reference"] == "peak_at_low"
     scalars = [
         wire.decode("scalars", f)["s"]
@@ -301,8 +303,7 @@ def test_full_batch_exact_training_uses_the_signal_or_tail_score(
         for s in scalars
         if "memorization/score" in s
     )
-    signal = _full_batch_run(redis_url, "per_example", 48, {"score": "signal"})
-    assert _score_of(redis_client, signal) == "signal"
+    signal = _full_batch_run(redis_url, "per_example", 48)
     assert _settings_of(redis_client, signal)["reference"] == "peak"
     # Mini-batches: the batch gate says nothing about the training set; the tail score.
     assert _score_of(redis_client, _full_batch_run(redis_url, "per_example", 16)) == "tail"
@@ -321,7 +322,7 @@ def test_full_batch_regression_has_no_tail_beside_the_signal_score(
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with cs.init("t", "signal-regression", redis_url=redis_url) as run:
         run.watch(model, opt, batch_size=32, dataset_size=32, noise="per_example",
-                  emit_every=5, probe=(x, y))  # fmt: skip
+                  emit_every=5, probe=(x, y), memorization={"score": "signal_or_tail"})  # fmt: skip
         for step in range(10):
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
