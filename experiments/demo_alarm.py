@@ -1,5 +1,6 @@
 """The memorization alarm on the demo's run (`channelscope demo --runs 1`), against its
-held-out accuracy, judged by the grokking target, live and replayed at other signal scales.
+held-out accuracy, judged by the grokking target, live, replayed at other signal scales and
+replayed with the opt-in signal_or_tail score.
 
 Trains ``monitor_agent.demo.train`` (modular addition, 40 % of the pairs, 4,000 full-batch
 steps) with the agent writing to an embedded Redis, reads back what the dashboard would show
@@ -24,9 +25,10 @@ from typing import Any
 import torch
 
 import monitor_agent as cs
-from experiments.run_all import DEFAULTS, alarm_history, grokking_verdict
-from experiments.runner import RunRecord, read_back, replay
+from experiments.run_all import DEFAULTS, _fmt, alarm_history, grokking_verdict
+from experiments.runner import RunRecord, read_back, replay, replay_tracker
 from monitor_agent import demo
+from monitor_agent.memorization import MemorizationTracker
 from server.embedded_redis import EmbeddedRedis
 
 
@@ -104,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             f"  replayed at signal scale {scale:g}: {history or 'none'}; target "
             f"{'met' if v['met'] else 'not met'}"
         )
+    # The opt-in signal_or_tail score on the same run: whether the tail's reference at
+    # training-loss lows stays under its floor here (docs/concepts.md, "signal or tail").
+    tracker = MemorizationTracker(0.0, None, replace(DEFAULTS, score="signal_or_tail"))
+    events = replay_tracker(rec, tracker)
+    v = grokking_verdict(replace(rec, events=events))
+    print(
+        f"  replayed with score signal_or_tail: {alarm_history(events) or 'none'}; tail "
+        f"reference {_fmt(tracker.h_ref, 3)} (floor {DEFAULTS.min_reference}); target "
+        f"{'met' if v['met'] else 'not met'}"
+    )
     last = rec.steps[-1] if rec.steps else None
     if last is not None:
         print(

@@ -9,7 +9,12 @@ import pytest
 
 from experiments import descent_weighting, full_batch_scores
 from experiments.full_batch_replay import compare
-from experiments.run_all import FULL_BATCH_VARIANTS, full_batch_comparison, full_batch_verdict
+from experiments.run_all import (
+    FULL_BATCH_VARIANTS,
+    _recorded_with_other_score,
+    full_batch_comparison,
+    full_batch_verdict,
+)
 from experiments.runner import RunRecord
 
 
@@ -40,7 +45,7 @@ def test_the_tail_beside_the_signal_catches_a_fit_reached_with_signal() -> None:
     table = full_batch_comparison([rec])
     head = table.index("| score | noisy 10% |")
     rows = table[head + 2 : head + 2 + len(FULL_BATCH_VARIANTS)]
-    assert rows[0].startswith("| signal |") and rows[0].endswith("| 0/1 |")
+    assert rows[0].startswith("| signal (the agent's) |") and rows[0].endswith("| 0/1 |")
     assert all(row.endswith("| 1/1 |") for row in rows[1:])
     # The reference the agent's variant took, against the tail's floor.
     assert "by group: noisy 10% 0.200–0.200. Below 0.05 the tail score is 0." in table[-1]
@@ -57,7 +62,7 @@ def test_a_spike_s_disagreement_is_no_reference_at_a_training_loss_low() -> None
     met = compare([rec], full_batch_scores.VARIANTS)
     peak, at_low = (
         met["signal or tail, H_ref = peak"],
-        met["signal or tail, H_ref = peak at a training-loss low (the agent's)"],
+        met["signal or tail, H_ref = peak at a training-loss low"],
     )
     assert peak == {"clean": 0}  # the spike's disagreement, refitted, fires the alarm
     assert at_low == {"clean": 1}
@@ -81,3 +86,15 @@ def test_the_scripts_replay_saved_records(
         pickle.dump({"records": runs[1:], "command": "test", "seconds": 0.0}, fh)
     with pytest.raises(SystemExit):
         full_batch_scores.main(["--records", str(path)])
+
+
+def test_runs_recorded_with_another_score_are_replayed_with_the_default() -> None:
+    rec = _memorizing("grokking p=53 seed=0", "grokking", 0.0)
+    assert _recorded_with_other_score([rec]) == []  # no events: nothing to compare
+    rec.events = [{"kind": "memorization_onset", "step": 300,
+                   "data": {"score_kind": "signal_or_tail"}}]  # fmt: skip
+    # The signal score never fires on this run (its fit came with shared signal).
+    assert _recorded_with_other_score([rec]) == [
+        "  1 of these runs were recorded with the score signal_or_tail as the default; "
+        "replayed with the signal score (the default), 0/1 give the same alarm events as live."
+    ]
