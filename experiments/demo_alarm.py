@@ -15,6 +15,8 @@ without the agent (``watch=False``), to show whether the agent has anything to d
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import sys
 import tempfile
 import time
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 import monitor_agent as cs
+from experiments.full_batch_scores import LeftChanceTracker
 from experiments.run_all import DEFAULTS, _fmt, alarm_history, grokking_verdict
 from experiments.runner import RunRecord, read_back, replay, replay_tracker
 from monitor_agent import demo
@@ -114,6 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  replayed with score signal_or_tail: {alarm_history(events) or 'none'}; tail "
         f"reference {_fmt(tracker.h_ref, 3)} (floor {DEFAULTS.min_reference}); target "
+        f"{'met' if v['met'] else 'not met'}"
+    )
+    # The same with the disagreeing share smoothed only once the probe left chance level.
+    modulus = inspect.signature(demo.train).parameters["p"].default
+    tracker = LeftChanceTracker(0.0, math.log(modulus), replace(DEFAULTS, score="signal_or_tail"))
+    events = replay_tracker(rec, tracker)
+    v = grokking_verdict(replace(rec, events=events))
+    print(
+        f"  replayed with score signal_or_tail, H̄ from leaving chance: "
+        f"{alarm_history(events) or 'none'}; tail reference {_fmt(tracker.h_ref, 3)}; target "
         f"{'met' if v['met'] else 'not met'}"
     )
     last = rec.steps[-1] if rec.steps else None

@@ -38,8 +38,8 @@ class LogFallTracker(MemorizationTracker):
 
 SIGNAL = replace(DEFAULTS, score="signal")
 WEIGHTINGS: dict[str, Variant] = {
-    "falls weighted by loss (the agent's)": lambda: MemorizationTracker(0.0, None, SIGNAL),
-    "falls weighted by log-loss": lambda: LogFallTracker(0.0, None, SIGNAL),
+    "falls weighted by loss (the agent's)": lambda _: MemorizationTracker(0.0, None, SIGNAL),
+    "falls weighted by log-loss": lambda _: LogFallTracker(0.0, None, SIGNAL),
 }
 
 

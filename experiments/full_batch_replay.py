@@ -21,8 +21,8 @@ from experiments.runner import RunRecord, replay_tracker
 from monitor_agent.memorization import MemorizationTracker
 
 RECORDS = str(Path(__file__).parent / "out" / "records.pkl")
-# A variant makes a fresh tracker for one run.
-Variant = Callable[[], MemorizationTracker]
+# A variant makes a fresh tracker for one run (given the run).
+Variant = Callable[[RunRecord], MemorizationTracker]
 
 
 def judge(rec: RunRecord, tracker: MemorizationTracker) -> tuple[str, bool, str]:
@@ -54,7 +54,7 @@ def compare(runs: list[RunRecord], variants: dict[str, Variant]) -> dict[str, di
         print(name)
         counts: dict[str, list[bool]] = {}
         for rec in runs:
-            group, ok, line = judge(rec, make())
+            group, ok, line = judge(rec, make(rec))
             counts.setdefault(group, []).append(ok)
             print(line)
         print("  " + ", ".join(f"{g} {sum(v)}/{len(v)}" for g, v in counts.items()))

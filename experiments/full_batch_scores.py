@@ -11,7 +11,11 @@ script replays, per run, the agent's signal score alone and the larger of the tw
 * as the mini-batch default does: the largest H̄ after warm-up (``reference="peak"``);
 * only from probes taken while the training loss is at its lowest so far
   (``reference="peak_at_low"``): a spike's disagreement re-covers ground already
-  covered, the same reason the descent factor counts only falls to new lows.
+  covered, the same reason the descent factor counts only falls to new lows;
+* the same, with the disagreeing share smoothed only from the first probe whose median
+  loss is below the chance level ln C (``LeftChanceTracker``): the smoothed share
+  otherwise carries the untrained network's chance-level disagreement into the
+  reference, which is why ``signal_or_tail`` is not the default (docs/concepts.md).
 
     python -m experiments.full_batch_scores [--records experiments/out/records.pkl]
 
@@ -22,18 +26,50 @@ live run).
 
 from __future__ import annotations
 
+import math
+import re
 import sys
+from dataclasses import replace
 
 from experiments.full_batch_replay import Variant, replay_main
-from experiments.run_all import FULL_BATCH_VARIANTS
-from monitor_agent.memorization import MemorizationTracker, OnsetSettings
+from experiments.run_all import DEFAULTS, FULL_BATCH_VARIANTS
+from experiments.runner import RunRecord
+from monitor_agent.memorization import MemorizationTracker, OnsetSettings, TailStatistics
+
+
+class LeftChanceTracker(MemorizationTracker):
+    """The tracker with the disagreeing share's smoothing started only at the first probe
+    whose median loss is below the chance level ln C: before that the network sits at
+    chance, and its "disagreement" says nothing about the labels."""
+
+    started: bool = False
+
+    def observe_tail(self, tail: TailStatistics, steps: int, step: int) -> None:
+        """Skip probes until the median loss first falls below chance, then restart H̄."""
+        assert self.chance_loss is not None
+        if not self.started:
+            if tail.median >= self.chance_loss:
+                return
+            self.started, self.h_bar = True, None
+        super().observe_tail(tail, steps, step)
+
+
+def classes_of(rec: RunRecord) -> int:
+    """The number of classes of a full-batch run's task: p for grokking mod p, else 10."""
+    found = re.search(r"grokking p=(\d+)", rec.name)
+    return int(found.group(1)) if found else 10
 
 
 def _variant(settings: OnsetSettings) -> Variant:
-    return lambda: MemorizationTracker(0.0, None, settings)
+    return lambda _: MemorizationTracker(0.0, None, settings)
 
 
 VARIANTS = {label: _variant(settings) for label, settings in FULL_BATCH_VARIANTS.items()}
+VARIANTS["signal or tail, H_ref = peak at a training-loss low, H̄ from leaving chance"] = (
+    lambda rec: LeftChanceTracker(
+        0.0, math.log(classes_of(rec)), replace(DEFAULTS, score="signal_or_tail")
+    )
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,8 +49,8 @@ Two families of evidence are computed side by side on every emitted step:
   brings disagreement back over ground already covered. It is not the default: at the
   lows after warm-up H̄ still carries the untrained network's chance-level
   disagreement (an EMA), and on the demo's grokking run that residue (0.056) passed
-  ``min_reference``, so the alarm never cleared (experiments/REPORT.md, "The
-  full-batch score").
+  ``min_reference``, so the alarm was still on at the run's end (experiments/REPORT.md,
+  "The full-batch score").
 
 The onset rule is the design's: after warm-up, *arm* when the score is at least θ_on
 while the training loss still falls; *fire* after P consecutive emitted windows (the

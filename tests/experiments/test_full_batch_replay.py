@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from experiments import descent_weighting, full_batch_scores
 from experiments.full_batch_replay import compare
+from experiments.full_batch_scores import LeftChanceTracker, classes_of
 from experiments.run_all import (
+    DEFAULTS,
     FULL_BATCH_VARIANTS,
     _recorded_with_other_score,
     full_batch_comparison,
     full_batch_verdict,
 )
 from experiments.runner import RunRecord
+from monitor_agent.memorization import TailStatistics
 
 
 def _memorizing(name: str, kind: str, noise: float, spike: bool = False) -> RunRecord:
@@ -98,3 +103,14 @@ def test_runs_recorded_with_another_score_are_replayed_with_the_default() -> Non
         "  1 of these runs were recorded with the score signal_or_tail as the default; "
         "replayed with the signal score (the default), 0/1 give the same alarm events as live."
     ]
+
+
+def test_the_share_is_smoothed_only_once_the_probe_left_chance() -> None:
+    settings = replace(DEFAULTS, score="signal_or_tail", ema_steps=1)
+    tracker = LeftChanceTracker(0.0, math.log(10), settings)
+    tracker.observe_tail(TailStatistics(2.5, 3.0, 3.0, 0.75), 0, 0)  # at chance: skipped
+    assert tracker.h_bar is None and not tracker.started
+    tracker.observe_tail(TailStatistics(1.0, 2.0, 3.0, 0.1), 50, 50)
+    assert tracker.started and tracker.h_bar == pytest.approx(0.1)
+    assert classes_of(RunRecord("grokking p=53 seed=3", "grokking")) == 53
+    assert classes_of(RunRecord("digits full batch seed=0", "fullbatch-clean")) == 10
