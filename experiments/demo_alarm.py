@@ -110,25 +110,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{'met' if v['met'] else 'not met'}"
         )
     # The opt-in signal_or_tail score on the same run: whether the tail's reference at
-    # training-loss lows stays under its floor here (docs/concepts.md, "signal or tail").
-    tracker = MemorizationTracker(0.0, None, replace(DEFAULTS, score="signal_or_tail"))
-    events = replay_tracker(rec, tracker)
-    v = grokking_verdict(replace(rec, events=events))
-    print(
-        f"  replayed with score signal_or_tail: {alarm_history(events) or 'none'}; tail "
-        f"reference {_fmt(tracker.h_ref, 3)} (floor {DEFAULTS.min_reference}); target "
-        f"{'met' if v['met'] else 'not met'}"
-    )
-    # The same with the disagreeing share smoothed only once the probe left chance level.
+    # training-loss lows stays under its floor here (docs/concepts.md, "signal or tail"),
+    # and the same with the disagreeing share smoothed only once the probe left chance.
+    both = replace(DEFAULTS, score="signal_or_tail")
     modulus = inspect.signature(demo.train).parameters["p"].default
-    tracker = LeftChanceTracker(0.0, math.log(modulus), replace(DEFAULTS, score="signal_or_tail"))
-    events = replay_tracker(rec, tracker)
-    v = grokking_verdict(replace(rec, events=events))
-    print(
-        f"  replayed with score signal_or_tail, H̄ from leaving chance: "
-        f"{alarm_history(events) or 'none'}; tail reference {_fmt(tracker.h_ref, 3)}; target "
-        f"{'met' if v['met'] else 'not met'}"
-    )
+    for label, tracker in (
+        ("signal_or_tail", MemorizationTracker(0.0, None, both)),
+        ("signal_or_tail, H̄ from leaving chance", LeftChanceTracker(0.0, math.log(modulus), both)),
+    ):
+        events = replay_tracker(rec, tracker)
+        v = grokking_verdict(replace(rec, events=events))
+        print(
+            f"  replayed with score {label}: {alarm_history(events) or 'none'}; tail reference "
+            f"{_fmt(tracker.h_ref, 3)} (floor {DEFAULTS.min_reference}); target "
+            f"{'met' if v['met'] else 'not met'}"
+        )
     last = rec.steps[-1] if rec.steps else None
     if last is not None:
         print(
