@@ -16,8 +16,14 @@ import pickle
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments.run_all import FULL_BATCH_KINDS, _fmt, full_batch_verdict
-from experiments.runner import RunRecord, replay_tracker
+from experiments.run_all import (
+    DEFAULTS,
+    FULL_BATCH_KINDS,
+    _fmt,
+    alarm_history,
+    full_batch_verdict,
+)
+from experiments.runner import RunRecord, probe_summaries, replay_tracker
 from monitor_agent.memorization import MemorizationTracker
 
 RECORDS = str(Path(__file__).parent / "out" / "records.pkl")
@@ -28,11 +34,15 @@ Variant = Callable[[RunRecord], MemorizationTracker]
 def judge(rec: RunRecord, tracker: MemorizationTracker) -> tuple[str, bool, str]:
     """(group, target met, one printed line) for one run replayed through ``tracker``."""
     events = replay_tracker(rec, tracker)
-    onset = next((e["step"] for e in events if e["kind"] == "memorization_onset"), None)
     group, ok = full_batch_verdict(rec, events)
+    # The disagreeing share itself (not smoothed) at the first probe after warm-up.
+    after = [
+        t.disagree for s, t in sorted(probe_summaries(rec).items()) if s >= DEFAULTS.warmup_steps
+    ]
     line = (
-        f"  {rec.name}: E_fit {_fmt(tracker.descent_excess(), 3)}, H_ref "
-        f"{_fmt(tracker.h_ref, 3)}, onset {_fmt(onset)}"
+        f"  {rec.name}: E_fit {_fmt(tracker.descent_excess(), 3)}, share after warm-up "
+        f"{_fmt(after[0] if after else None, 3)}, H_ref {_fmt(tracker.h_ref, 3)}, alarm: "
+        f"{alarm_history(events) or 'none'}"
     )
     return group, ok, line + (", met" if ok else ", not met")
 

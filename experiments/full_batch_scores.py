@@ -42,15 +42,11 @@ class LeftChanceTracker(MemorizationTracker):
     whose median loss is below the chance level ln C: before that the network sits at
     chance, and its "disagreement" says nothing about the labels."""
 
-    started: bool = False
-
     def observe_tail(self, tail: TailStatistics, steps: int, step: int) -> None:
-        """Skip probes until the median loss first falls below chance, then restart H̄."""
+        """Skip probes until the median loss first falls below chance (H̄ starts there)."""
         assert self.chance_loss is not None
-        if not self.started:
-            if tail.median >= self.chance_loss:
-                return
-            self.started, self.h_bar = True, None
+        if self.h_bar is None and tail.median >= self.chance_loss:
+            return
         super().observe_tail(tail, steps, step)
 
 

@@ -22,13 +22,19 @@ from typing import Any
 
 import torch
 
-from experiments.runner import RunRecord, replay, replay_tracker, run_task, timed
+from experiments.runner import (
+    RunRecord,
+    probe_summaries,
+    replay,
+    replay_tracker,
+    run_task,
+    timed,
+)
 from experiments.tasks import Task, digits_full_batch, digits_label_noise, fresh_data, grokking
 from monitor_agent.memorization import (
     MemorizationTracker,
     OnsetRule,
     OnsetSettings,
-    TailStatistics,
 )
 from server.embedded_redis import EmbeddedRedis
 
@@ -136,8 +142,9 @@ TAIL_VARIANTS = {  # each OnsetSettings with score="tail" (set in replay_tail)
 # run): the signal score alone (the default), and the larger of it and the tail score, whose
 # reference comes from every probe after warm-up or only from probes taken at a
 # training-loss low (opt-in: score="signal_or_tail").
+FULL_BATCH_DEFAULT = OnsetSettings(score="signal")  # what watch() picks for full batch
 FULL_BATCH_VARIANTS = {
-    "signal (the agent's)": OnsetSettings(score="signal"),
+    "signal (the agent's)": FULL_BATCH_DEFAULT,
     "signal or tail, H_ref = peak": OnsetSettings(score="signal_or_tail", reference="peak"),
     "signal or tail, H_ref = peak at a training-loss low": OnsetSettings(
         score="signal_or_tail", reference="peak_at_low"
@@ -151,11 +158,9 @@ def replay_tail(
     """Onset and clear of the agent's tracker with ``settings`` (or of ``tracker``, left
     holding the run's final state) fed the run's published probe summaries (every 50
     steps) and training loss (every 10 steps)."""
-    ms, mv = rec.series("memorization/probe_loss_median")
-    hs, hv = rec.series("memorization/disagree_fraction")
-    if not hs:
+    summaries = probe_summaries(rec)
+    if not summaries:
         return None, None
-    med, dis = dict(zip(ms, mv, strict=True)), dict(zip(hs, hv, strict=True))
     loss = dict(zip(rec.steps, rec.train_loss, strict=True))
     if tracker is None:
         tracker = MemorizationTracker(1.0, math.log(10), replace(settings, score="tail"))
@@ -163,8 +168,8 @@ def replay_tail(
     for step in range(0, max(rec.steps) + 1, 10):
         if step in loss:
             tracker.observe_loss(loss[step])
-        if step in dis and step in med:
-            tracker.observe_tail(TailStatistics(med[step], 0.0, 0.0, dis[step]), 50, step)
+        if step in summaries:
+            tracker.observe_tail(summaries[step], 50, step)
         for ev in tracker.step_onset(step):
             if ev["kind"] == "memorization_onset" and onset is None:
                 onset = ev["step"]
@@ -300,13 +305,9 @@ def _recorded_with_other_score(runs: list[RunRecord]) -> list[str]:
     if not other:
         return []
     kinds = sorted({e["data"]["score_kind"] for r in other for e in r.events if "data" in e})
-    settings = replace(DEFAULTS, score="signal")
     same = sum(
-        [
-            (e["kind"], e["step"])
-            for e in replay_tracker(r, MemorizationTracker(0.0, None, settings))
-        ]
-        == [(e["kind"], e["step"]) for e in r.events]
+        alarm_history(replay_tracker(r, MemorizationTracker(0.0, None, FULL_BATCH_DEFAULT)))
+        == alarm_history(r.events)
         for r in other
     )
     return [

@@ -188,6 +188,17 @@ def replay(
     return replay_tracker(rec, MemorizationTracker(0.0, None, settings))
 
 
+def probe_summaries(rec: RunRecord) -> dict[int, TailStatistics]:
+    """The probe summaries the agent published on a run (median and disagreeing share; the
+    quantiles the scores do not use are 0), by step."""
+    median = dict(zip(*rec.series("memorization/probe_loss_median"), strict=True))
+    return {
+        step: TailStatistics(median[step], 0.0, 0.0, share)
+        for step, share in zip(*rec.series("memorization/disagree_fraction"), strict=True)
+        if step in median
+    }
+
+
 def replay_tracker(rec: RunRecord, tracker: MemorizationTracker) -> list[dict[str, Any]]:
     """Feed a recorded full-batch run's training loss, probe summaries and signal excess
     through ``tracker`` (left holding the run's final state) and return its alarm events."""
@@ -196,16 +207,14 @@ def replay_tracker(rec: RunRecord, tracker: MemorizationTracker) -> list[dict[st
     # feeds the descent factor, the falling-loss condition and the tail's "at its low".
     losses = iter(zip(rec.steps, rec.train_loss, strict=True))
     pending = next(losses, None)
-    median = dict(zip(*rec.series("memorization/probe_loss_median"), strict=True))
-    disagree = dict(zip(*rec.series("memorization/disagree_fraction"), strict=True))
+    summaries = probe_summaries(rec)
     last_probe = 0
     for step, excess in zip(*rec.series("memorization/signal_excess"), strict=True):
         while pending is not None and pending[0] <= step:
             tracker.observe_loss(pending[1])
             pending = next(losses, None)
-        if step in disagree and step in median:
-            summary = TailStatistics(median[step], 0.0, 0.0, disagree[step])
-            tracker.observe_tail(summary, step - last_probe, step)
+        if step in summaries:
+            tracker.observe_tail(summaries[step], step - last_probe, step)
             last_probe = step
         tracker.observe_excess(excess, step)
         events += tracker.step_onset(step)

@@ -14,13 +14,14 @@ from experiments.full_batch_replay import compare
 from experiments.full_batch_scores import LeftChanceTracker, classes_of
 from experiments.run_all import (
     DEFAULTS,
+    FULL_BATCH_DEFAULT,
     FULL_BATCH_VARIANTS,
     _recorded_with_other_score,
     full_batch_comparison,
     full_batch_verdict,
 )
-from experiments.runner import RunRecord
-from monitor_agent.memorization import TailStatistics
+from experiments.runner import RunRecord, replay_tracker
+from monitor_agent.memorization import MemorizationTracker, TailStatistics
 
 
 def _memorizing(name: str, kind: str, noise: float, spike: bool = False) -> RunRecord:
@@ -103,14 +104,25 @@ def test_runs_recorded_with_another_score_are_replayed_with_the_default() -> Non
         "  1 of these runs were recorded with the score signal_or_tail as the default; "
         "replayed with the signal score (the default), 0/1 give the same alarm events as live."
     ]
+    # A fit against the examples' shared signal: the signal score fires at the warm-up's
+    # end, as the recorded alarm did.
+    memorized = _memorizing("grokking p=53 seed=1", "grokking", 0.0)
+    memorized.agent["memorization/signal_excess"] = [(s, -0.3) for s in range(0, 1001, 10)]
+    live = replay_tracker(memorized, MemorizationTracker(0.0, None, FULL_BATCH_DEFAULT))
+    assert [e["step"] for e in live] == [DEFAULTS.warmup_steps]
+    memorized.events = [{**e, "data": {"score_kind": "signal_or_tail"}} for e in live]
+    assert "2 of these runs" in _recorded_with_other_score([rec, memorized])[0]
+    assert "1/2 give the same alarm events" in _recorded_with_other_score([rec, memorized])[0]
 
 
 def test_the_share_is_smoothed_only_once_the_probe_left_chance() -> None:
     settings = replace(DEFAULTS, score="signal_or_tail", ema_steps=1)
     tracker = LeftChanceTracker(0.0, math.log(10), settings)
     tracker.observe_tail(TailStatistics(2.5, 3.0, 3.0, 0.75), 0, 0)  # at chance: skipped
-    assert tracker.h_bar is None and not tracker.started
+    assert tracker.h_bar is None
     tracker.observe_tail(TailStatistics(1.0, 2.0, 3.0, 0.1), 50, 50)
-    assert tracker.started and tracker.h_bar == pytest.approx(0.1)
+    assert tracker.h_bar == pytest.approx(0.1)
+    tracker.observe_tail(TailStatistics(2.5, 3.0, 3.0, 0.5), 50, 100)  # once started, kept
+    assert tracker.h_bar == pytest.approx(0.5)
     assert classes_of(RunRecord("grokking p=53 seed=3", "grokking")) == 53
     assert classes_of(RunRecord("digits full batch seed=0", "fullbatch-clean")) == 10

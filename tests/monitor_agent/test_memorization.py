@@ -275,7 +275,9 @@ def _settings_of(client: redis.Redis, run: Run) -> dict[str, object]:
 def test_full_batch_exact_training_uses_the_signal_score(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
-    assert _score_of(redis_client, _full_batch_run(redis_url, "per_example", 48)) == "signal"
+    default = _full_batch_run(redis_url, "per_example", 48)
+    assert _score_of(redis_client, default) == "signal"
+    assert _settings_of(redis_client, default)["reference"] == "peak"
     # Asked for, the larger of the signal and tail scores; the tail's reference then skips
     # probes taken in a training-loss spike.
     run = _full_batch_run(redis_url, "per_example", 48, {"score": "signal_or_tail"})
@@ -303,8 +305,6 @@ def test_full_batch_exact_training_uses_the_signal_score(
         for s in scalars
         if "memorization/score" in s
     )
-    signal = _full_batch_run(redis_url, "per_example", 48)
-    assert _settings_of(redis_client, signal)["reference"] == "peak"
     # Mini-batches: the batch gate says nothing about the training set; the tail score.
     assert _score_of(redis_client, _full_batch_run(redis_url, "per_example", 16)) == "tail"
     assert _score_of(redis_client, _full_batch_run(redis_url, "streaming", 48)) == "tail"
@@ -312,6 +312,8 @@ def test_full_batch_exact_training_uses_the_signal_score(
         _full_batch_run(redis_url, "streaming", 48, {"score": "signal"})
     with pytest.raises(ValueError, match="'signal_or_tail' needs an exact noise estimator"):
         _full_batch_run(redis_url, "streaming", 48, {"score": "signal_or_tail"})
+    with pytest.raises(ValueError, match="expected one of"):
+        _full_batch_run(redis_url, "streaming", 48, {"score": "median"})
 
 
 def test_full_batch_regression_has_no_tail_beside_the_signal_score(
@@ -332,5 +334,3 @@ def test_full_batch_regression_has_no_tail_beside_the_signal_score(
     # No chance level to disagree with: the signal score alone.
     assert _score_of(redis_client, run) == "signal"
     assert _settings_of(redis_client, run)["reference"] == "peak"
-    with pytest.raises(ValueError, match="expected one of"):
-        _full_batch_run(redis_url, "streaming", 48, {"score": "median"})
