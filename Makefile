@@ -57,7 +57,7 @@ clean:
 .venv-peers/.installed: constraints.txt
 	test -x .venv-peers/bin/python || $(PY) -m venv .venv-peers
 	.venv-peers/bin/python -m pip install --quiet --upgrade pip
-	.venv-peers/bin/python -m pip install --quiet -c $(CONSTRAINTS) -e . "setuptools<81" \
+	.venv-peers/bin/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[agent]' "setuptools<81" \
 	  backpack-for-pytorch cockpit-for-pytorch wandb
 	touch .venv-peers/.installed
 

@@ -19,7 +19,7 @@ Configurations, each on its own copy of the model (same seed and batch):
 Each part's cost is the difference of medians of per-round ratios to the plain step, in
 milliseconds of that step. Run:
 
-    .venv/bin/python bench/agent_breakdown.py [--rounds 15] [--steps 30] [--only MLP]
+    .venv/bin/python bench/agent_breakdown.py [--rounds 15] [--steps 30] [--only MLP] [--cpu-kernels]
 
 Results go to bench/results/agent_breakdown.md (or --out).
 """
@@ -92,10 +92,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="784-512", help="substring of the workloads to run")
     parser.add_argument(
+        "--cpu-kernels", action="store_true", help="watch(cpu_kernels=True): fused statistics"
+    )
+    parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "agent_breakdown.md")
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cpu_kernels:
+        for kwargs in PARTS.values():
+            if kwargs is not None:
+                kwargs["cpu_kernels"] = True
+        # Timed steps take the fused statistics from the first, as a run's do once loaded.
+        st.load_cpu_kernels(wait=True)
     redis = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
     results = []
     try:
@@ -115,7 +124,12 @@ def main() -> None:
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
         f"CPU, torch threads: {args.threads}, torch {torch.__version__}, {args.rounds} "
         "interleaved rounds of "
-        f"{args.steps} steps; Adam; the streaming estimator, no budget; a real local Redis.",
+        f"{args.steps} steps; Adam; the streaming estimator, no budget; a real local Redis; "
+        + (
+            "statistics by the fused CPU kernels (watch(cpu_kernels=True))."
+            if args.cpu_kernels
+            else "statistics by torch ops (the default)."
+        ),
         "",
         "Ratios are medians over rounds of (step time) / (plain step time); a part's cost is "
         "the difference between consecutive rows, in ms of the plain step.",

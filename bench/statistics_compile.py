@@ -1,14 +1,17 @@
 """Would a fused (compiled) statistics pass pay? The emitted-step statistics
-(``signal_stats.layer_statistics``) eager against ``torch.compile`` of the same function,
+(``signal_stats.layer_statistics``) in torch ops, eager, against ``torch.compile`` of the
+same function and against the fused CPU kernels (numba, ``monitor_agent.cpu_statistics``),
 in one interleaved run on the inputs the agent really passes it.
 
 The inputs are a snapshot of one emitted step of the streaming estimator on the worst-case
 benchmark model (MLP 784-512-512-10, b=128, Adam), where the statistics are the largest
 part of the equal-cadence overhead (0.70 of 1.77 ms, bench/results/agent_breakdown.md).
 Variants:
-* eager: the function as the agent calls it;
+* eager: the torch path, as the agent calls it by default;
 * compiled: ``torch.compile(layer_statistics)`` (Inductor; on CPU it needs a C++ compiler);
-* compiled, medians eager: the same with the per-layer GSNR medians kept out of the graph.
+* compiled, medians eager: the same with the per-layer GSNR medians kept out of the graph;
+* fused CPU kernels: the path of ``watch(cpu_kernels=True)``; its first call compiles them
+  (numba, with an empty cache).
 
 Each round times every variant over ``--calls`` calls (median per call); the ratios are
 medians over rounds of variant / eager. Compile time (first call) is reported apart. Run:
@@ -21,6 +24,7 @@ Results go to bench/results/statistics_compile.md (or --out).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -95,20 +99,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # A fresh compile cache: the first call is then what a new training process pays.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="numba-")
     warnings.filterwarnings("ignore", module="monitor_agent")
     redis = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
     try:
         inputs = emitted_step_inputs(redis.url)
     finally:
         redis.stop()
-    eager_fn = st.layer_statistics
-    compiled_fn = torch.compile(st.layer_statistics, dynamic=False)
+    torch_path = functools.partial(st.layer_statistics, fused=False)
+    eager_fn = torch_path
+    compiled_fn = torch.compile(torch_path, dynamic=False)
     # The medians kept out of the graph, in case they are what compiles badly.
-    split_fn = _with_eager_medians(torch.compile(st.layer_statistics, dynamic=False))
+    split_fn = _with_eager_medians(torch.compile(torch_path, dynamic=False))
     variants: dict[str, Callable[..., Any]] = {
         "eager": eager_fn,
         "compiled": compiled_fn,
         "compiled, medians eager": split_fn,
+        "fused CPU kernels": functools.partial(st.layer_statistics, fused=True),
     }
     compile_s: dict[str, float] = {}
     reference = eager_fn(*fresh(inputs))
@@ -131,7 +138,7 @@ def main() -> None:
     }
     n_coords = inputs[0].numel()
     lines = [
-        "# Emitted-step statistics: eager against torch.compile",
+        "# Emitted-step statistics: eager against torch.compile and the fused CPU kernels",
         "",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
         f"CPU, torch threads: {args.threads}, torch {torch.__version__}, {args.rounds} "

@@ -15,7 +15,12 @@ Inputs, per coordinate k, read after backward and before the optimizer step:
 from __future__ import annotations
 
 import math
+import os
+import threading
+import warnings
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -132,18 +137,60 @@ def layer_statistics(
     batch_size: int,
     gate: GateSettings,
     workspace: Workspace | None = None,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-layer statistics (rows of LAYER_FIELDS × layers), the overall ones (one value
     per field) and the rates [T, Q] = [Σ w m²_pop, Σ w (m²_pop − α_n ŝ)] of §4.5, as
     device tensors, on an emitted step. ``closed_run`` counts, per coordinate, how many
     evaluations in a row its gate was closed; it is updated in place. ``workspace`` holds
-    the scratch rows between calls (the monitor passes its own)."""
-    # This runs on every emitted step, where each kernel moves little data: every row
-    # is written straight into one (rows × coordinates) buffer, comparisons write floats
-    # (a bool result costs ~4× a float one on CPU), and all fields come out of the
-    # per-layer sums through two small matrix products.
+    the scratch rows between calls (the monitor passes its own). ``fused``: None uses the
+    fused CPU kernels where they are loaded and apply, False never, True always (loading
+    them first; an error where they cannot apply)."""
     n = g.numel()
     scratch = workspace if workspace is not None else Workspace(n, g.dtype, g.device, limit=0)
+    args = (g, s, m2, w, m2_population, closed_run)
+    if fused:
+        load_cpu_kernels(wait=True)
+    kernels = _cpu_kernels_for(args) if fused is not False else None
+    if fused and kernels is None:
+        raise ValueError(f"fused CPU statistics do not apply here ({cpu_kernels_state()})")
+    if kernels is not None:
+        nl = len(bounds)
+        sums = scratch.get("sums", (_ROWS, nl + 1))
+        gsnr = scratch.get("gsnr", (nl + 1,))
+        kernels.layer_sums(
+            *args, _bounds_array(bounds), _kernel_params(gate, batch_size, g.dtype),
+            gate.reservoir_evals, MEDIAN_MAX, sums, gsnr,
+            scratch.get("median", (min(n, MEDIAN_MAX),)),
+        )  # fmt: skip
+    else:
+        sums, gsnr = _torch_sums(*args, bounds, batch_size, gate, scratch)
+    ext = torch.cat([sums, _layer_counts(bounds, g.dtype, g.device), gsnr.unsqueeze(0)])
+    num, den = _coefficients(gate.alpha_n, g.dtype, g.device)
+    out = (num @ ext).div_((den @ ext).add_(_TINY))
+    nf = len(LAYER_FIELDS)
+    return out[:nf, :-1], out[:nf, -1], out[nf:, -1]
+
+
+def _torch_sums(
+    g: torch.Tensor,
+    s: torch.Tensor,
+    m2: torch.Tensor,
+    w: torch.Tensor,
+    m2_population: torch.Tensor,
+    closed_run: torch.Tensor,
+    bounds: list[tuple[int, int]],
+    batch_size: int,
+    gate: GateSettings,
+    scratch: Workspace,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The _ROWS per-layer sums (layers and overall as columns) and the GSNR medians, in
+    torch ops: any device."""
+    # Each kernel here moves little data: every row is written straight into one
+    # (rows × coordinates) buffer, comparisons write floats (a bool result costs ~4× a
+    # float one on CPU), and the caller gets every field from these sums through two small
+    # matrix products.
+    n = g.numel()
     cols = scratch.get("statistics", (_ROWS, n))
     is_open, q, qg2, g2, wg2, ws, s_col, pop_open, persistent, wm2p = cols.unbind(0)
     torch.mul(g, g, out=g2)
@@ -173,11 +220,94 @@ def layer_statistics(
     snr = torch.mul(s_col, batch_size, out=q)  # rows are free once summed
     torch.div(g2, snr, out=snr)
     gsnr = torch.stack([_median_of(snr[lo:hi]) for lo, hi in bounds] + [_median_of(snr)])
-    ext = torch.cat([sums, _layer_counts(bounds, g.dtype, g.device), gsnr.unsqueeze(0)])
-    num, den = _coefficients(gate.alpha_n, g.dtype, g.device)
-    out = (num @ ext).div_((den @ ext).add_(_TINY))
-    nf = len(LAYER_FIELDS)
-    return out[:nf, :-1], out[:nf, -1], out[nf:, -1]
+    return sums, gsnr
+
+
+# The fused CPU kernels (monitor_agent.cpu_statistics, numba): loaded once per process in
+# a background thread, so that no training step waits for numba's import or compilation;
+# until they are ready the torch path serves. CHANNELSCOPE_CPU_KERNELS=0 turns them off.
+_KERNELS: dict[str, Any] = {"module": None, "thread": None, "error": None}
+_KERNELS_LOCK = threading.Lock()
+_BOUNDS: dict[tuple[tuple[int, int], ...], Any] = {}
+_PARAMS: dict[tuple[float, float, float, int, torch.dtype], Any] = {}
+
+
+def load_cpu_kernels(wait: bool = False) -> bool:
+    """Start loading the fused CPU kernels (numba compiles them, or loads its cache: ~1–5 s
+    of one core, once per process) in a background thread; with ``wait``, block until
+    done. True once they are ready; False while loading, when turned off, or without
+    numba (the reason: cpu_kernels_state())."""
+    with _KERNELS_LOCK:
+        if _KERNELS["module"] is None and _KERNELS["error"] is None:
+            if os.environ.get("CHANNELSCOPE_CPU_KERNELS", "1") == "0":
+                _KERNELS["error"] = "turned off by CHANNELSCOPE_CPU_KERNELS=0"
+            elif _KERNELS["thread"] is None:
+                thread = threading.Thread(
+                    target=_import_kernels, name="channelscope-cpu-kernels", daemon=True
+                )
+                _KERNELS["thread"] = thread
+                thread.start()
+        thread = _KERNELS["thread"]
+    if wait and thread is not None:
+        thread.join()
+    return _KERNELS["module"] is not None
+
+
+def _import_kernels() -> None:
+    try:
+        from monitor_agent import cpu_statistics
+
+        _KERNELS["module"] = cpu_statistics
+    except Exception as exc:  # numba missing or unable to compile: torch serves
+        _KERNELS["error"] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"channelscope: fused CPU statistics unavailable ({_KERNELS['error']}); "
+            "emitted steps use torch ops (slower on the CPU)",
+            stacklevel=1,
+        )
+
+
+def cpu_kernels_state() -> str:
+    """'loaded', 'loading', 'not loaded', or why the fused CPU kernels are unavailable."""
+    if _KERNELS["module"] is not None:
+        return "loaded"
+    if _KERNELS["error"] is not None:
+        return str(_KERNELS["error"])
+    return "loading" if _KERNELS["thread"] is not None else "not loaded"
+
+
+def _cpu_kernels_for(tensors: tuple[torch.Tensor, ...]) -> ModuleType | None:
+    """The loaded kernels module when every tensor suits it: contiguous CPU tensors of
+    one float dtype (float32 or float64), the last (closed_run) uint8; else None."""
+    module: ModuleType | None = _KERNELS["module"]
+    if module is None:
+        return None
+    *floats, closed = tensors
+    dtype = floats[0].dtype
+    if dtype not in (torch.float32, torch.float64) or closed.dtype != torch.uint8:
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 1:
+            return None
+    if any(t.dtype != dtype for t in floats):
+        return None
+    return module
+
+
+def _bounds_array(bounds: list[tuple[int, int]]) -> Any:
+    key = tuple(bounds)
+    if key not in _BOUNDS:
+        _BOUNDS[key] = torch.tensor(bounds, dtype=torch.int64).reshape(-1, 2).numpy()
+    return _BOUNDS[key]
+
+
+def _kernel_params(gate: GateSettings, batch_size: int, dtype: torch.dtype) -> Any:
+    """[α, λ, α_n, ε, b, 0, 1] in the inputs' dtype, as the kernels round them."""
+    key = (gate.alpha, gate.soft_lambda, gate.alpha_n, batch_size, dtype)
+    if key not in _PARAMS:
+        values = [gate.alpha, gate.soft_lambda, gate.alpha_n, _TINY, float(batch_size), 0, 1]
+        _PARAMS[key] = torch.tensor(values, dtype=dtype).numpy()
+    return _PARAMS[key]
 
 
 def _coefficients(

@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 
-def test_importing_the_agent_pulls_no_server_dashboard_or_torch() -> None:
+def test_importing_the_agent_pulls_no_server_dashboard_torch_or_numba() -> None:
     code = (
         "import sys, monitor_agent, monitor_agent.wire\n"
-        "heavy = [m for m in ('fastapi', 'dash', 'plotly', 'torch', 'server', 'dashboard')"
+        "heavy = [m for m in ('fastapi', 'dash', 'plotly', 'torch', 'numba', 'server', 'dashboard')"
         " if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )

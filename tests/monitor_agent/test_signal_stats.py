@@ -1,9 +1,11 @@
-"""signal_stats.layer_statistics against a plain per-field twin, in float64."""
+"""signal_stats.layer_statistics against a plain per-field twin, in float64, on both of
+its paths (torch ops, and the fused CPU kernels of monitor_agent.cpu_statistics)."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from monitor_agent import signal_stats as st
@@ -31,7 +33,8 @@ def _twin(
     return out
 
 
-def test_layer_statistics_match_a_per_field_twin() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_layer_statistics_match_a_per_field_twin(fused: bool) -> None:
     gen = torch.Generator().manual_seed(random.randrange(10**9))
     sizes = [3000, 17, 4096, 1]  # below, at and around the median cap
     bounds, lo = [], 0
@@ -50,9 +53,11 @@ def test_layer_statistics_match_a_per_field_twin() -> None:
     closed_kept = closed.clone()
     workspace = st.Workspace(n, torch.float64, torch.device("cpu"))
     for _ in range(2):  # two closed evaluations in a row make a coordinate persistent
-        per_layer, overall, rates = st.layer_statistics(g, s, m2, w, m2p, closed, bounds, 32, gate)
+        per_layer, overall, rates = st.layer_statistics(
+            g, s, m2, w, m2p, closed, bounds, 32, gate, fused=fused
+        )
         kept = st.layer_statistics(
-            g, s, m2, w, m2p, closed_kept, bounds, 32, gate, workspace
+            g, s, m2, w, m2p, closed_kept, bounds, 32, gate, workspace, fused=fused
         )  # the same numbers when the scratch rows are kept and reused
         for a, b in zip((per_layer, overall, rates), kept, strict=True):
             assert torch.equal(a, b)
@@ -78,6 +83,61 @@ def test_layer_statistics_match_a_per_field_twin() -> None:
                 torch.tensor(want[field], dtype=torch.float64),
                 rtol=1e-12, atol=1e-12,
             )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_kernels_match_the_torch_path(dtype: torch.dtype) -> None:
+    """The same sums to float rounding, the same medians exactly (ties included), the same
+    reservoir counts, over several evaluations in a row; NaN medians where torch's are."""
+    gen = torch.Generator().manual_seed(random.randrange(10**9))
+    sizes = [5000, 1, 4097, 9000, 64]
+    bounds, lo = [], 0
+    for n in sizes:
+        bounds.append((lo, lo + n))
+        lo += n
+    n = lo
+    gate = st.GateSettings(alpha=1.0, soft_lambda=1.0, alpha_n=0.05, reservoir_evals=3)
+    closed = [torch.zeros(n, dtype=torch.uint8) for _ in range(2)]
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    for evaluation in range(5):
+        g = torch.randn(n, generator=gen, dtype=dtype)
+        if evaluation % 2:
+            g = g.mul(4).round()  # many equal ratios: ties at the median
+        s = torch.rand(n, generator=gen, dtype=dtype)
+        s[::7] = 0  # ŝ = 0 happens (a coordinate without noise)
+        m2 = g * g * 2 * torch.rand(n, generator=gen, dtype=dtype)
+        w = torch.rand(n, generator=gen, dtype=dtype)
+        if evaluation == 4:
+            g[bounds[3][0] + 5] = float("nan")  # one layer's median and the overall are NaN
+        out = [
+            st.layer_statistics(g, s, m2, w, m2, c, bounds, 64, gate, fused=f)
+            for c, f in zip(closed, (False, True), strict=True)
+        ]
+        assert torch.equal(closed[0], closed[1])
+        for a, b in zip(out[0], out[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=0, equal_nan=True)
+        gsnr = st.LAYER_FIELDS.index("gsnr_median")
+        for part in (0, 1):  # per layer, overall: bit for bit
+            exact = (out[0][part][gsnr], out[1][part][gsnr])
+            torch.testing.assert_close(*exact, rtol=0, atol=0, equal_nan=True)
+        if evaluation == 4:
+            assert out[1][0][gsnr].isnan().tolist() == [False, False, False, True, False]
+
+
+def test_fused_kernels_refuse_what_they_cannot_take() -> None:
+    g = torch.rand(10, dtype=torch.float16)
+    closed = torch.zeros(10, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="do not apply"):
+        st.layer_statistics(g, g, g, g, g, closed, [(0, 10)], 4, st.GateSettings(), fused=True)
+    strided = torch.rand(20)[::2]
+    with pytest.raises(ValueError, match="do not apply"):
+        st.layer_statistics(
+            strided, strided, strided, strided, strided, closed, [(0, 10)], 4,
+            st.GateSettings(), fused=True,
+        )  # fmt: skip
+    # None takes whichever applies: the torch path here
+    per_layer, _, _ = st.layer_statistics(g, g, g, g, g, closed, [(0, 10)], 4, st.GateSettings())
+    assert per_layer.dtype == torch.float16
 
 
 def test_workspace_reuses_its_tensors_within_its_limit() -> None:

@@ -125,6 +125,43 @@ def test_every_step_reuses_the_workspace_tensors(redis_url: str) -> None:
         assert "statistics" not in mon.workspace.kept()
 
 
+def test_cpu_kernels_publish_what_the_torch_path_publishes(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """watch(cpu_kernels=True) on two identical runs: the same published statistics (to
+    float32 rounding; GSNR medians exactly) and the fused kernels' scratch in use."""
+    from monitor_agent import signal_stats as st
+
+    assert st.load_cpu_kernels(wait=True), st.cpu_kernels_state()
+    seed = random.randrange(10**9)
+    layers = []
+    for fused in (False, True):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 4))
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        x, y = torch.randn(512, 300), torch.randint(0, 4, (512,))
+        with cs.init("t", f"fused-{fused}", redis_url=redis_url) as run:
+            mon = run.watch(
+                model, opt, batch_size=32, dataset_size=512, emit_every=2, budget=None,
+                min_coords=2000, cpu_kernels=fused,
+            )  # fmt: skip
+            assert isinstance(mon, Monitor)
+            _train(model, opt, 240, x, y)
+            kept = set(mon.workspace.kept())
+            assert ("sums" in kept, "statistics" in kept) == (fused, not fused)
+            run_id, keys = run.id, run.keys
+        stream = keys.stream(run_id, "layers")
+        layers.append([wire.decode("layers", f)["l"] for _, f in redis_client.xrange(stream)])
+    assert len(layers[0]) == len(layers[1]) > 50
+    for a, b in zip(*layers, strict=True):
+        assert a.keys() == b.keys()
+        for field in a:
+            if field == "gsnr_median":
+                assert a[field] == b[field]
+            else:
+                assert a[field] == pytest.approx(b[field], rel=1e-4, abs=1e-6), field
+
+
 def test_budget_thins_the_schedule_and_overhead_is_reported(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
