@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import monitor_agent as cs
 from bench.agent_overhead import bench_workload
 from bench.workloads import WORKLOADS
+from monitor_agent import cpu_kernels
 from monitor_agent import signal_stats as st
 from server.embedded_redis import EmbeddedRedis
 
@@ -69,9 +70,9 @@ def _prepare(name: str, run: cs.Run) -> None:
         emit = monitor._emit
         first: list[Any] = []
 
-        def cached(*args: Any) -> Any:
+        def cached(*args: Any, **kwargs: Any) -> Any:
             if not first:
-                first.append(layer_statistics(*args))
+                first.append(layer_statistics(*args, **kwargs))
             return first[0]
 
         def emit_with_free_statistics(*args: Any) -> None:
@@ -104,7 +105,7 @@ def main() -> None:
             if kwargs is not None:
                 kwargs["cpu_kernels"] = True
         # Timed steps take the fused statistics from the first, as a run's do once loaded.
-        st.load_cpu_kernels(wait=True)
+        cpu_kernels.load(wait=True)
     redis = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
     results = []
     try:

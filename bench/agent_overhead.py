@@ -30,7 +30,7 @@ import monitor_agent as cs
 from bench.peers import PEERS, Unsupported, describe, plain_step
 from bench.process_memory import peak_resident_bytes
 from bench.workloads import WORKLOADS, Workload
-from monitor_agent import signal_stats as st
+from monitor_agent import cpu_kernels
 from server.embedded_redis import EmbeddedRedis
 
 CONFIGS: dict[str, dict[str, Any] | None] = {
@@ -181,7 +181,7 @@ def peak_memory_child(workload: str, config: str, device: str, redis_url: str) -
         run = cs.init("bench", f"{workload} {config} memory", redis_url=redis_url)
         run.watch(model, opt, batch_size=w.batch_size, dataset_size=50_000, **kwargs)
         if kwargs.get("cpu_kernels"):
-            st.load_cpu_kernels(wait=True)  # loaded before the steps end, as in a long run
+            cpu_kernels.load(wait=True)  # loaded before the steps end, as in a long run
     step = plain_step(model, opt, x, y)
     for _ in range(30):
         step()
@@ -264,7 +264,7 @@ def main() -> None:
     # The CPU-kernel column's timed steps take the fused statistics from the first, as a
     # run's do once they have loaded.
     if args.peers:
-        st.load_cpu_kernels(wait=True)
+        cpu_kernels.load(wait=True)
     redis = EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False).start()
     configs = {**CONFIGS, **(EQUAL_CADENCE if args.peers else {})}
     rows = []
@@ -317,7 +317,7 @@ def main() -> None:
         f"of {'/'.join(sorted({str(r.get('steps')) for _, r in rows}))} steps: a whole number "
         "of the fixed-cadence columns' emission periods, so every round holds the same "
         "emitted steps; Adam; agent writing to a real local Redis; fused CPU statistics: "
-        f"{st.cpu_kernels_state()}.",
+        f"{cpu_kernels.state()}.",
         "",
         "Cells are the median over rounds of step time with the agent / step time without "
         "(1.000 = no overhead). 'state' is the agent's per-step state as a fraction of one "

@@ -8,7 +8,7 @@ selection per layer its median, in under a third of the time
 (bench/results/statistics_compile.md).
 
 Importing this module compiles the kernels for float32 and float64 (or loads them from
-numba's cache); ``signal_stats.load_cpu_kernels`` does that in a background thread so
+numba's cache); ``cpu_kernels.load`` does that in a background thread so
 that no training step waits for it. The sums match the torch path to float rounding
 (they are summed in a different order); the medians match it exactly (the same entries,
 the same arithmetic, the same rank).

@@ -15,14 +15,13 @@ Inputs, per coordinate k, read after backward and before the optimizer step:
 from __future__ import annotations
 
 import math
-import os
-import threading
-import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import torch
+
+from monitor_agent import cpu_kernels
 
 # Per-layer vector names, in the order of the stacked result (DESIGN §4.6).
 LAYER_FIELDS = (
@@ -150,10 +149,10 @@ def layer_statistics(
     scratch = workspace if workspace is not None else Workspace(n, g.dtype, g.device, limit=0)
     args = (g, s, m2, w, m2_population, closed_run)
     if fused:
-        load_cpu_kernels(wait=True)
+        cpu_kernels.load(wait=True)
     kernels = _cpu_kernels_for(args) if fused is not False else None
     if fused and kernels is None:
-        raise ValueError(f"fused CPU statistics do not apply here ({cpu_kernels_state()})")
+        raise ValueError(f"fused CPU statistics do not apply here ({cpu_kernels.state()})")
     if kernels is not None:
         nl = len(bounds)
         sums = scratch.get("sums", (_ROWS, nl + 1))
@@ -223,63 +222,14 @@ def _torch_sums(
     return sums, gsnr
 
 
-# The fused CPU kernels (monitor_agent.cpu_statistics, numba): loaded once per process in
-# a background thread, so that no training step waits for numba's import or compilation;
-# until they are ready the torch path serves. CHANNELSCOPE_CPU_KERNELS=0 turns them off.
-_KERNELS: dict[str, Any] = {"module": None, "thread": None, "error": None}
-_KERNELS_LOCK = threading.Lock()
 _BOUNDS: dict[tuple[tuple[int, int], ...], Any] = {}
 _PARAMS: dict[tuple[float, float, float, int, torch.dtype], Any] = {}
-
-
-def load_cpu_kernels(wait: bool = False) -> bool:
-    """Start loading the fused CPU kernels (numba compiles them, or loads its cache: ~1–5 s
-    of one core, once per process) in a background thread; with ``wait``, block until
-    done. True once they are ready; False while loading, when turned off, or without
-    numba (the reason: cpu_kernels_state())."""
-    with _KERNELS_LOCK:
-        if _KERNELS["module"] is None and _KERNELS["error"] is None:
-            if os.environ.get("CHANNELSCOPE_CPU_KERNELS", "1") == "0":
-                _KERNELS["error"] = "turned off by CHANNELSCOPE_CPU_KERNELS=0"
-            elif _KERNELS["thread"] is None:
-                thread = threading.Thread(
-                    target=_import_kernels, name="channelscope-cpu-kernels", daemon=True
-                )
-                _KERNELS["thread"] = thread
-                thread.start()
-        thread = _KERNELS["thread"]
-    if wait and thread is not None:
-        thread.join()
-    return _KERNELS["module"] is not None
-
-
-def _import_kernels() -> None:
-    try:
-        from monitor_agent import cpu_statistics
-
-        _KERNELS["module"] = cpu_statistics
-    except Exception as exc:  # numba missing or unable to compile: torch serves
-        _KERNELS["error"] = f"{type(exc).__name__}: {exc}"
-        warnings.warn(
-            f"channelscope: fused CPU statistics unavailable ({_KERNELS['error']}); "
-            "emitted steps use torch ops (slower on the CPU)",
-            stacklevel=1,
-        )
-
-
-def cpu_kernels_state() -> str:
-    """'loaded', 'loading', 'not loaded', or why the fused CPU kernels are unavailable."""
-    if _KERNELS["module"] is not None:
-        return "loaded"
-    if _KERNELS["error"] is not None:
-        return str(_KERNELS["error"])
-    return "loading" if _KERNELS["thread"] is not None else "not loaded"
 
 
 def _cpu_kernels_for(tensors: tuple[torch.Tensor, ...]) -> ModuleType | None:
     """The loaded kernels module when every tensor suits it: contiguous CPU tensors of
     one float dtype (float32 or float64), the last (closed_run) uint8; else None."""
-    module: ModuleType | None = _KERNELS["module"]
+    module = cpu_kernels.loaded()
     if module is None:
         return None
     *floats, closed = tensors

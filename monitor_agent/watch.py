@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monitor_agent import cpu_kernels as fused_kernels
 from monitor_agent import signal_stats as st
 from monitor_agent.kernel import ProbeKernel
 from monitor_agent.memorization import (
@@ -217,7 +218,7 @@ class Monitor:
         # kernels, loaded in the background; the torch path serves until they are ready.
         self.cpu_kernels = cpu_kernels and device.type == "cpu"
         if self.cpu_kernels:
-            st.load_cpu_kernels()
+            fused_kernels.load()
         self.dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
         self.idx = _model_sample(
             [p.shape for p in self.params], sample_fraction, min_coords, self.dtype, seed

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import monitor_agent as cs
-from monitor_agent import wire
+from monitor_agent import cpu_kernels, wire
 from monitor_agent.watch import Monitor
 
 
@@ -130,9 +130,7 @@ def test_cpu_kernels_publish_what_the_torch_path_publishes(
 ) -> None:
     """watch(cpu_kernels=True) on two identical runs: the same published statistics (to
     float32 rounding; GSNR medians exactly) and the fused kernels' scratch in use."""
-    from monitor_agent import signal_stats as st
-
-    assert st.load_cpu_kernels(wait=True), st.cpu_kernels_state()
+    assert cpu_kernels.load(wait=True), cpu_kernels.state()
     seed = random.randrange(10**9)
     layers = []
     for fused in (False, True):
