@@ -177,3 +177,88 @@ def layer_sums(
         closed_run.numpy(), bounds, params, reservoir_evals, median_max,
         sums.numpy(), gsnr.numpy(), buf.numpy(),
     )  # fmt: skip
+
+
+# The per-step update: the strided gather of the sampled coordinates and the two running
+# moments, each one kernel instead of a chain of torch ops (on the CPU each op's dispatch
+# costs more than its arithmetic on ~10⁴ coordinates).
+_GATHER_SIGNATURES = [f"f8({t}[::1], i8, i8, i8, {t}[::1], i8)" for t in ("f4", "f8")]
+_MOMENT_SIGNATURES = [f"void({t}[::1], {t}[::1], {t}[::1], {t}, {t})" for t in ("f4", "f8")]
+
+
+@numba.njit(_GATHER_SIGNATURES, **_SUM_FLAGS)
+def _gather(src, start, step, count, dst, offset):  # type: ignore[no-untyped-def]
+    # The sum (in float64) is finite exactly when every gathered value is.
+    total = 0.0
+    for i in range(count):
+        v = src[start + i * step]
+        dst[offset + i] = v
+        total += v
+    return total
+
+
+@numba.njit(_MOMENT_SIGNATURES, **_EXACT_FLAGS)
+def _second_moment(g, m_prev, s, ws, unused):  # type: ignore[no-untyped-def]
+    for i in range(g.shape[0]):
+        d = g[i] - m_prev[i]
+        s[i] = s[i] + ws * (d * d - s[i])
+
+
+@numba.njit(_MOMENT_SIGNATURES, **_EXACT_FLAGS)
+def _both_moments(g, m, s, ws, wm):  # type: ignore[no-untyped-def]
+    # m is the first moment before this step: s reads it before it moves.
+    for i in range(g.shape[0]):
+        d = g[i] - m[i]
+        s[i] = s[i] + ws * (d * d - s[i])
+        m[i] = m[i] + wm * (g[i] - m[i])
+
+
+def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (
+        t.device.type == "cpu"
+        and t.layout == torch.strided
+        and t.dtype == dtype
+        and t.is_contiguous()
+        and dtype in DTYPES
+    )
+
+
+def gather(
+    tensors: list[torch.Tensor | None],
+    samples: list[slice | None],
+    bounds: list[tuple[int, int]],
+    out: torch.Tensor,
+) -> float | None:
+    """Write each tensor's sampled coordinates (a strided slice of it flattened, or all of
+    it) into its range of ``out`` and return their sum (float64: finite exactly when every
+    value is); None, with ``out`` untouched, unless every tensor is a dense contiguous CPU
+    tensor of out's dtype. After backward, before the optimizer step."""
+    if not _fits(out, out.dtype) or any(t is None or not _fits(t, out.dtype) for t in tensors):
+        return None
+    dst = out.numpy()
+    total = 0.0
+    for t, sample, (lo, hi) in zip(tensors, samples, bounds, strict=True):
+        assert t is not None
+        start, step = (0, 1) if sample is None else (sample.start, sample.step)
+        total += _gather(t.detach().numpy().reshape(-1), start, step, hi - lo, dst, lo)
+    return total
+
+
+def update_moments(
+    g: torch.Tensor,
+    m_prev: torch.Tensor,
+    s: torch.Tensor,
+    own_m: bool,
+    s_weight: float,
+    m_weight: float,
+) -> bool:
+    """s ← s + w_s((g − m_prev)² − s), and with ``own_m`` (m_prev is the agent's own first
+    moment) m_prev ← m_prev + w_m(g − m_prev) after s has read it, in place; as the torch
+    path's lerps, to float rounding. False, with nothing changed, unless all three are
+    contiguous CPU tensors of one dtype. Once per updating step, before the optimizer
+    step."""
+    if not all(_fits(t, g.dtype) for t in (g, m_prev, s)):
+        return False
+    kernel = _both_moments if own_m else _second_moment
+    kernel(g.numpy(), m_prev.numpy(), s.numpy(), s_weight, m_weight)
+    return True

