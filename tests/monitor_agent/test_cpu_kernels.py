@@ -91,3 +91,36 @@ def test_the_loader_can_be_turned_off_and_imports_nothing_heavy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert out.stdout.strip() == "turned off by CHANNELSCOPE_CPU_KERNELS=0"
+
+
+def test_without_numba_the_loader_warns_and_watch_keeps_the_torch_path() -> None:
+    # sys.modules["numba"] = None makes `import numba` fail as it does where numba is not
+    # installed (failure injection; the rest is real).
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['numba'] = None\n"
+        "import torch\n"
+        "from torch import nn\n"
+        "import monitor_agent as cs\n"
+        "from monitor_agent import cpu_kernels\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert not cpu_kernels.load(wait=True)\n"
+        "assert any('fused CPU kernels unavailable' in str(w.message) for w in caught)\n"
+        "print(cpu_kernels.state().split(':')[0])\n"
+        "model = nn.Linear(20, 3)\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "run = cs.init('t', 'no-numba', mode='disabled')\n"
+        "mon = run.watch(model, opt, batch_size=8, dataset_size=64, emit_every=1,\n"
+        "                budget=None, cpu_kernels=True)\n"
+        "for _ in range(3):\n"
+        "    x, y = torch.randn(8, 20), torch.randint(0, 3, (8,))\n"
+        "    nn.functional.cross_entropy(model(x), y).backward()\n"
+        "    opt.step()\n"
+        "    opt.zero_grad()\n"
+        "assert mon.step == 3 and 'sums' not in mon.workspace.kept()  # the torch path\n"
+        "run.finish()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ModuleNotFoundError"
