@@ -1,11 +1,14 @@
-"""The per-layer sums and GSNR medians of an emitted step as fused CPU kernels (numba).
+"""The agent's CPU work as fused kernels (numba) for ``watch(cpu_kernels=True)``: the
+per-layer sums and GSNR medians of an emitted step, and the per-step gather and running
+moments.
 
 On the CPU each torch op costs a few microseconds of dispatch however little data it
-moves, and ``signal_stats.layer_statistics`` is ~40 of them: ~0.4–0.5 ms a call on the
+moves, and ``signal_stats.layer_statistics`` is ~40 of them: ~0.4 ms a call on the
 784-512-512-10 benchmark MLP (27k sampled coordinates), most of the agent's cost at equal
 cadence. Here one vectorized pass per layer computes all ten per-layer sums and one
 selection per layer its median, in under a third of the time
-(bench/results/statistics_compile.md).
+(bench/results/statistics_compile.md); the per-step update is one gather per tensor and
+one kernel for both moments (bench/results/agent_cold_calls.md).
 
 Importing this module compiles the kernels for float32 and float64 (or loads them from
 numba's cache); ``cpu_kernels.load`` does that in a background thread so
@@ -199,6 +202,7 @@ def _gather(src, start, step, count, dst, offset):  # type: ignore[no-untyped-de
 
 @numba.njit(_MOMENT_SIGNATURES, **_EXACT_FLAGS)
 def _second_moment(g, m_prev, s, ws, unused):  # type: ignore[no-untyped-def]
+    # The same signature as _both_moments (m_prev is Adam's exp_avg: not ours to move).
     for i in range(g.shape[0]):
         d = g[i] - m_prev[i]
         s[i] = s[i] + ws * (d * d - s[i])
