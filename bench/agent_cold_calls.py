@@ -36,22 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import monitor_agent as cs
+from bench.statistics_compile import per_call_us
 from bench.workloads import WORKLOADS
 from monitor_agent import cpu_kernels
 from server.embedded_redis import EmbeddedRedis
 
 WORKLOAD = "MLP 784-512-512-10, b=128"
-
-
-def _median_call_us(fn: Callable[[], Any], before: Callable[[], Any] | None, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def main() -> None:
@@ -116,7 +106,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for c, fn in calls.items():
                 for s, before in settings.items():
-                    times[(c, s)].append(_median_call_us(fn, before, args.calls))
+                    times[(c, s)].append(per_call_us(fn, args.calls, before))
         for run in runs:
             run.finish()
     finally:

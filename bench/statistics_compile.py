@@ -75,12 +75,17 @@ def fresh(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return (*inputs[:5], inputs[5].clone(), *inputs[6:])
 
 
-def per_call_us(fn: Callable[[], Any], calls: int) -> float:
-    """Median wall time of one call, µs, after a short warm-up."""
+def per_call_us(
+    fn: Callable[[], Any], calls: int, before: Callable[[], Any] | None = None
+) -> float:
+    """Median wall time of one call, µs, after a short warm-up; ``before`` (untimed) runs
+    ahead of every timed call."""
     for _ in range(10):
         fn()
     times = []
     for _ in range(calls):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
