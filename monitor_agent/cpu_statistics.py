@@ -120,15 +120,15 @@ def _select(a, k):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(**_EXACT_FLAGS)
-def _median_snr(g, s, params, median_max, buf):  # type: ignore[no-untyped-def]
-    # Lower median of ḡ²/(b(ŝ+ε)) over every ⌈n/median_max⌉-th entry, as torch.median
-    # of the same strided view; NaN if any entry is NaN.
+def _median_snr(g, s, s_scale, params, median_max, buf):  # type: ignore[no-untyped-def]
+    # Lower median of ḡ²/(b(ŝ+ε)), ŝ = s·s_scale, over every ⌈n/median_max⌉-th entry, as
+    # torch.median of the same strided view; NaN if any entry is NaN.
     tiny, batch = params[3], params[4]
     n = g.shape[0]
     step = 1 if n <= median_max else (n + median_max - 1) // median_max
     m = 0
     for i in range(0, n, step):
-        x = g[i] * g[i] / ((s[i] + tiny) * batch)
+        x = g[i] * g[i] / ((s[i] * s_scale + tiny) * batch)
         if x != x:
             return x
         buf[m] = x
@@ -153,8 +153,8 @@ def _layer_sums(  # type: ignore[no-untyped-def]
         sums[8, layer] = _reservoir(m2[lo:hi], s[lo:hi], closed_run[lo:hi], params[0], evals)
         for row in range(10):
             sums[row, nl] += sums[row, layer]
-        gsnr[layer] = _median_snr(g[lo:hi], s[lo:hi], params, median_max, buf)
-    gsnr[nl] = _median_snr(g, s, params, median_max, buf)
+        gsnr[layer] = _median_snr(g[lo:hi], s[lo:hi], params[6], params, median_max, buf)
+    gsnr[nl] = _median_snr(g, s, params[6], params, median_max, buf)
 
 
 def layer_sums(
@@ -265,4 +265,157 @@ def update_moments(
         return False
     kernel = _both_moments if own_m else _second_moment
     kernel(g.numpy(), m_prev.numpy(), s.numpy(), s_weight, m_weight)
+    return True
+
+
+# An emitted step of the streaming estimator in one pass per layer: the update of both
+# moments and every per-layer sum, then the medians and the fields. Inside a training step
+# each separate pass and call found its data evicted and its code cold: this pass reads
+# each coordinate once (bench/results/agent_cold_calls.md).
+# params: [alpha, soft_lambda, alpha_n, tiny, batch_size, 0, 1, w_s, w_m, 1 − β, c_m, c_s]
+_STREAM_SIGNATURES = [
+    f"void({t}[::1], {t}[::1], {t}[::1], {t}[::1], u1[::1], i8[:, ::1], {t}[::1], i8, "
+    "i8, b1, f8[:, ::1], f8[:, ::1], f8[:, ::1], f8[:, ::1], f8[::1], "
+    f"{t}[::1], f8[::1])"
+    for t in ("f4", "f8")
+]
+
+
+@numba.njit(**_SUM_FLAGS)
+def _stream_sums(g, m, s, w, closed_run, params, evals, own_m):  # type: ignore[no-untyped-def]
+    alpha, lam, alpha_n, tiny = params[0], params[1], params[2], params[3]
+    zero, one = params[5], params[6]
+    ws, wm, bw, cm, cs = params[7], params[8], params[9], params[10], params[11]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a9 = zero
+    persistent = 0
+    for i in range(g.shape[0]):
+        gi, mi, si, wi = g[i], m[i], s[i], w[i]
+        d = gi - mi
+        s_new = si + ws * (d * d - si)  # ws = 0 on a step without the update
+        s[i] = s_new
+        if own_m:
+            m[i] = mi + wm * (gi - mi)
+        m_hat = (mi + bw * (gi - mi)) * cm
+        m2 = m_hat * m_hat
+        s_hat = s_new * cs
+        g2 = gi * gi
+        sc = s_hat + tiny
+        excess = m2 - alpha * s_hat
+        kept = max(excess, zero)
+        q = kept / (kept + lam * sc)
+        is_open = excess > zero
+        a0 += one if is_open else zero
+        a1 += q
+        a2 += q * g2
+        a3 += g2
+        a4 += wi * g2
+        a5 += wi * sc
+        a6 += sc
+        a7 += one if m2 > alpha_n * s_hat else zero
+        a9 += wi * m2
+        run = 0 if is_open else min(int(closed_run[i]), 253) + 1
+        closed_run[i] = run
+        persistent += 1 if run >= evals else 0
+    return (a0, a1, a2, a3, a4, a5, a6, a7, a9), persistent
+
+
+@numba.njit(_STREAM_SIGNATURES, **_SUM_FLAGS)
+def _stream_emit(  # type: ignore[no-untyped-def]
+    g,
+    m,
+    s,
+    w,
+    closed_run,
+    bounds,
+    params,
+    evals,
+    median_max,
+    own_m,
+    num,
+    den,
+    sums,
+    ext,
+    counts,
+    buf,
+    out,
+):
+    nl = bounds.shape[0]
+    for col in range(nl + 1):
+        for row in range(sums.shape[0]):
+            sums[row, col] = 0.0
+    for layer in range(nl):
+        lo, hi = bounds[layer, 0], bounds[layer, 1]
+        r, persistent = _stream_sums(
+            g[lo:hi], m[lo:hi], s[lo:hi], w[lo:hi], closed_run[lo:hi], params, evals, own_m
+        )
+        for row in range(8):
+            sums[row, layer] = r[row]
+        sums[8, layer] = persistent
+        sums[9, layer] = r[8]
+        for row in range(10):
+            sums[row, nl] += sums[row, layer]
+    # The fields: (num · ext) / (den · ext), ext = [sums; coordinates; ones; GSNR medians].
+    for col in range(nl + 1):
+        for row in range(10):
+            ext[row, col] = sums[row, col]
+        ext[10, col] = counts[col]
+        ext[11, col] = 1.0
+        if col < nl:
+            lo, hi = bounds[col, 0], bounds[col, 1]
+            ext[12, col] = _median_snr(g[lo:hi], s[lo:hi], params[11], params, median_max, buf)
+        else:
+            ext[12, col] = _median_snr(g, s, params[11], params, median_max, buf)
+    nf = num.shape[0] - 2
+    for field in range(num.shape[0]):
+        for col in range(nl + 1):
+            top = 0.0
+            bottom = 0.0
+            for k in range(ext.shape[0]):
+                top += num[field, k] * ext[k, col]
+                bottom += den[field, k] * ext[k, col]
+            value = top / (bottom + 1e-30)
+            # [overall fields, per-layer fields (field-major), T, Q]
+            if field < nf and col == nl:
+                out[field] = value
+            elif field < nf:
+                out[nf + field * nl + col] = value
+            elif col == nl:
+                out[nf + nf * nl + field - nf] = value
+
+
+def stream_emit(
+    g: torch.Tensor,
+    m_prev: torch.Tensor,
+    s: torch.Tensor,
+    w: torch.Tensor,
+    closed_run: torch.Tensor,
+    bounds: np.ndarray[Any, Any],
+    params: np.ndarray[Any, Any],
+    reservoir_evals: int,
+    median_max: int,
+    own_m: bool,
+    coefficients: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
+    counts: np.ndarray[Any, Any],
+    scratch: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]],
+    out: np.ndarray[Any, Any],
+) -> bool:
+    """One emitted step of the streaming estimator: update s (and, with ``own_m``, the
+    agent's first moment m_prev) in place with the weights in ``params``, and write the
+    overall fields, the per-layer fields (field-major) and [T, Q] into ``out`` (float64),
+    as signal_stats.layer_statistics gives them from ŝ and m̂², to float rounding. False,
+    with nothing changed, unless the tensors are contiguous CPU tensors of one dtype. After
+    backward, before the optimizer step."""
+    if not all(_fits(t, g.dtype) for t in (g, m_prev, s, w)) or not (
+        closed_run.device.type == "cpu"
+        and closed_run.dtype == torch.uint8
+        and closed_run.is_contiguous()
+        and scratch[2].dtype == params.dtype
+    ):
+        return False
+    sums, ext, buf = scratch
+    _stream_emit(
+        g.numpy(), m_prev.numpy(), s.numpy(), w.numpy(), closed_run.numpy(), bounds, params,
+        reservoir_evals, median_max, own_m, coefficients[0], coefficients[1], sums, ext,
+        counts, buf, out,
+    )  # fmt: skip
     return True

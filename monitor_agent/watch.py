@@ -261,6 +261,8 @@ class Monitor:
         self._last_estimator = STREAMING
         self._w: torch.Tensor | None = None
         self._w_kind = False
+        self._gathered_sum: float | None = None  # the fused gather's sum of its values
+        self._one_pass_scratch: dict[str, Any] = {}
         self._adam_cache: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
         self._exact: ExactNoise | None = None
 
@@ -405,7 +407,10 @@ class Monitor:
         workspace tensor ``name`` (valid until the next step)."""
         out = self.workspace.get(name)
         kernels = self._kernels()
-        if kernels is not None and kernels.gather(tensors, self.idx, self.bounds, out) is not None:
+        self._gathered_sum = (
+            None if kernels is None else kernels.gather(tensors, self.idx, self.bounds, out)
+        )
+        if self._gathered_sum is not None:
             return out
         pieces = []
         for t, idx, (lo, hi) in zip(tensors, self.idx, self.bounds, strict=True):
@@ -556,6 +561,7 @@ class Monitor:
         # 2,111 faults a step with them made anew, 1,736 kept).
         work = self.workspace
         g = self._flat([p.grad for p in self.params], "g")
+        total = self._gathered_sum  # the fused gather summed what it gathered
         adam = self._adam_state()
         m_prev, beta, seen = self._first_moment(adam)
         # One reduction: a NaN or Inf anywhere makes the sum non-finite.
@@ -563,12 +569,17 @@ class Monitor:
         if g.device.type == "cpu":
             # Reading a CPU value costs no device sync: a finite step (nearly all of
             # them) then skips the kernels that mask a non-finite one.
-            ok = 1.0 if math.isfinite(float(g.sum())) else 0.0
+            ok = 1.0 if math.isfinite(float(g.sum()) if total is None else total) else 0.0
         else:
             ok = torch.isfinite(g.sum()).to(self.dtype)
         if not isinstance(ok, float) or ok == 0.0:
             self.nonfinite.add_(1 - ok)
             g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # g is our own copy
+        finite = isinstance(ok, float) and ok == 1.0
+        if emit and finite and self._emit_in_one_pass(step, g, m_prev, beta, seen, adam, update):
+            self.n_updates += int(update)
+            self._reset_captures(step)
+            return
         if emit:
             # m̂ including this step, bias-corrected, for the gate and the population gate;
             # taken before the update, which may overwrite m_prev (the agent's own EMA).
@@ -715,16 +726,94 @@ class Monitor:
             offset += size
         self._publish(step, host, estimator, warm)
 
+    def _emit_in_one_pass(
+        self, step: int, g: torch.Tensor, m_prev: torch.Tensor, beta: float, seen: float,
+        adam: Any, update: bool,
+    ) -> bool:  # fmt: skip
+        """An emitted step of the streaming estimator in one fused CPU kernel: the update
+        (when ``update``) and every statistic, then publish. False, with nothing done, where
+        the kernels do not serve it: not loaded, another estimator, histograms or a probe
+        due (they need ŝ and the model), a snapshot kept, or w not yet measured."""
+        kernels = self._kernels()
+        if (
+            kernels is None
+            or self.keep_snapshot
+            or self.per_example is not None
+            or self.microbatch is not None
+            or self.ranks is not None
+            or self._w is None
+            or self._w_kind != (adam is not None)
+            or self._is_due("hist", step, self.hist_every)
+            or (
+                self.tracker is not None
+                and self._probe is not None
+                and self._is_due("probe", step, self.tracker.settings.probe_every)
+            )
+        ):
+            return False
+        scratch = self._one_pass_scratch
+        nl = len(self.bounds)
+        if not scratch:
+            num, den = st._coefficients(self.gate.alpha_n, torch.float64, torch.device("cpu"))
+            counts = [hi - lo for lo, hi in self.bounds]
+            scratch.update(
+                bounds=st._bounds_array(self.bounds),
+                coefficients=(num.numpy(), den.numpy()),
+                counts=torch.tensor([*counts, sum(counts)], dtype=torch.float64).numpy(),
+                rows=(
+                    torch.empty((10, nl + 1), dtype=torch.float64).numpy(),
+                    torch.empty((13, nl + 1), dtype=torch.float64).numpy(),
+                    torch.empty(min(self.n_coords, st.MEDIAN_MAX), dtype=self.dtype).numpy(),
+                ),
+                out=torch.empty(len(st.LAYER_FIELDS) * (nl + 1) + 2, dtype=torch.float64),
+            )
+        n_after = self.n_updates + int(update)
+        gate = self.gate
+        params = torch.tensor(
+            [
+                gate.alpha, gate.soft_lambda, gate.alpha_n, st._TINY, float(self.batch_size), 0.0,
+                1.0, (1 - self.rho) if update else 0.0, 1 - beta, 1 - beta,
+                1 / (1 - beta ** (seen + 1)),
+                (1 + beta) / 2 / (1 - self.rho ** max(n_after, 1)),
+            ],
+            dtype=self.dtype,
+        ).numpy()  # fmt: skip
+        own_m = update and (adam is None or not self.full_coverage)
+        out = scratch["out"]
+        if not kernels.stream_emit(
+            g, m_prev, self.s, self._w, self.closed_run, scratch["bounds"], params,
+            gate.reservoir_evals, st.MEDIAN_MAX, own_m, scratch["coefficients"],
+            scratch["counts"], scratch["rows"], out.numpy(),
+        ):  # fmt: skip
+            return False
+        self._exact, self._last_estimator = None, STREAMING
+        nf = len(st.LAYER_FIELDS)
+        flat = out.tolist()
+        host = {
+            "overall": flat[:nf],
+            "per_layer": flat[nf : nf + nf * nl],
+            "nonfinite": [float(self.nonfinite)],
+            "tq": flat[nf + nf * nl :],
+        }
+        warm = n_after * self.stride >= 1 / (1 - self.rho)
+        self._publish(step, host, STREAMING, warm)
+        return True
+
     def _due(self, schedule: str, step: int, every: int) -> int | None:
         """Steps since ``schedule`` last ran if it is due at this emitted step, else None.
 
         Due on the first emitted step of each interval rather than on multiples of
         ``every``: the budget may space emissions so that few fall on those multiples."""
-        last = self._last_run.get(schedule)
-        if last is not None and step - last < every:
+        if not self._is_due(schedule, step, every):
             return None
+        last = self._last_run.get(schedule)
         self._last_run[schedule] = step
         return step - last if last is not None else every
+
+    def _is_due(self, schedule: str, step: int, every: int) -> bool:
+        """Whether ``schedule`` is due at this emitted step (nothing is marked as run)."""
+        last = self._last_run.get(schedule)
+        return last is None or step - last >= every
 
     def _tail_tensor(self, inputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
         """[median, q75, q90, H] of the probe losses, on the device."""

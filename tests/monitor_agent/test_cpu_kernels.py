@@ -124,3 +124,79 @@ def test_without_numba_the_loader_warns_and_watch_keeps_the_torch_path() -> None
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ModuleNotFoundError"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("own_m", "update"), [(True, True), (False, True), (False, False)])
+def test_stream_emit_matches_the_update_then_the_statistics_in_torch(
+    kernels: object, dtype: torch.dtype, own_m: bool, update: bool
+) -> None:
+    """The one-pass emitted step of the streaming estimator against its torch twin: the
+    moments' update (none when ``update`` is false), m̂ and ŝ, then
+    signal_stats.layer_statistics on the torch path; over a few steps in a row."""
+    from monitor_agent import signal_stats as st
+
+    gen = torch.Generator().manual_seed(random.randrange(10**9))
+    sizes = [3000, 1, 700, 1500]
+    bounds, lo = [], 0
+    for n in sizes:
+        bounds.append((lo, lo + n))
+        lo += n
+    n = lo
+    gate = st.GateSettings(alpha=1.0, soft_lambda=1.0, alpha_n=0.02, reservoir_evals=2)
+    rho, beta, b = 0.99, 0.9, 64
+    s = torch.rand(n, generator=gen, dtype=dtype) * 0.1
+    m = torch.randn(n, generator=gen, dtype=dtype) * 0.1
+    w = torch.rand(n, generator=gen, dtype=dtype)
+    s_twin, m_twin = s.clone(), m.clone()
+    closed, closed_twin = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+    num, den = st._coefficients(gate.alpha_n, torch.float64, torch.device("cpu"))
+    counts = torch.tensor([*sizes, n], dtype=torch.float64).numpy()
+    nl = len(sizes)
+    rows = (
+        torch.empty((10, nl + 1), dtype=torch.float64).numpy(),
+        torch.empty((13, nl + 1), dtype=torch.float64).numpy(),
+        torch.empty(st.MEDIAN_MAX, dtype=dtype).numpy(),
+    )
+    for step in range(1, 4):
+        g = torch.randn(n, generator=gen, dtype=dtype) * 0.3 + 0.05
+        c_m = 1 / (1 - beta ** (step + 1))
+        c_s = (1 + beta) / 2 / (1 - rho**step)
+        # Rounding decides a gate only within ~1e-7 of its threshold: keep every coordinate
+        # away from both thresholds, so both sides count the same coordinates.
+        for _ in range(20):
+            m2 = ((m_twin + (1 - beta) * (g - m_twin)) * c_m).double() ** 2
+            s_next = s_twin.double() + (1 - rho) * update * ((g - m_twin).double() ** 2 - s_twin)
+            near = ((m2 / (s_next * c_s) - 1).abs() < 1e-4) | (
+                (m2 / (gate.alpha_n * s_next * c_s) - 1).abs() < 1e-4
+            )
+            if not bool(near.any()):
+                break
+            g[near] += 0.01
+        params = torch.tensor(
+            [1.0, 1.0, gate.alpha_n, 1e-30, b, 0, 1, (1 - rho) * update, 1 - beta, 1 - beta,
+             c_m, c_s], dtype=dtype,
+        ).numpy()  # fmt: skip
+        out = torch.empty(9 * (nl + 1) + 2, dtype=torch.float64)
+        assert kernels.stream_emit(  # type: ignore[attr-defined]
+            g, m, s, w, closed, st._bounds_array(bounds), params, gate.reservoir_evals,
+            st.MEDIAN_MAX, own_m and update, (num.numpy(), den.numpy()), counts, rows,
+            out.numpy(),
+        )  # fmt: skip
+        m_hat = torch.lerp(m_twin, g, 1 - beta) * c_m
+        if update:
+            d = g - m_twin
+            s_twin.lerp_(d * d, 1 - rho)
+            if own_m:
+                m_twin.lerp_(g, 1 - beta)
+        per_layer, overall, rates = st.layer_statistics(
+            g, s_twin * c_s, m_hat * m_hat, w, m_hat * m_hat, closed_twin, bounds, b, gate,
+            fused=False,
+        )  # fmt: skip
+        want = torch.cat([overall, per_layer.reshape(-1), rates]).double()
+        assert torch.equal(closed, closed_twin)
+        rtol = 1e-4 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(out, want, rtol=rtol, atol=1e-9)
+    atol = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(s, s_twin, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(m, m_twin, rtol=1e-5, atol=atol)

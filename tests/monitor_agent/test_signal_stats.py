@@ -36,7 +36,7 @@ def _twin(
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
 def test_layer_statistics_match_a_per_field_twin(fused: bool) -> None:
     gen = torch.Generator().manual_seed(random.randrange(10**9))
-    sizes = [3000, 17, 4096, 1]  # below, at and around the median cap
+    sizes = [700, 17, 1024, 1, 3000]  # below, at and above the median cap (1,024)
     bounds, lo = [], 0
     for n in sizes:
         bounds.append((lo, lo + n))
@@ -68,15 +68,17 @@ def test_layer_statistics_match_a_per_field_twin(fused: bool) -> None:
         rtol=1e-12, atol=1e-12,
     )  # fmt: skip
     want = _twin(g, s, m2, w, m2p, bounds, 32, gate, persistent)
-    nl = len(bounds)
     for i, field in enumerate(st.LAYER_FIELDS):
         got = [*per_layer[i].tolist(), float(overall[i])]
         if field == "gsnr_median":
-            # exact up to MEDIAN_MAX coordinates; the whole vector (7,114) is subsampled
-            assert got[:nl] == want[field][:nl]
+            # exact up to MEDIAN_MAX coordinates; the last layer (3,000) and the whole
+            # vector (4,742) are subsampled to at most 1,024 entries: rank within ±3.1 %
+            # (2σ), ±4.7 % (3σ) asserted
+            assert got[:4] == want[field][:4]
             full = g * g / (32 * s)
-            rank = float((full < got[-1]).double().mean())
-            assert abs(rank - 0.5) < 0.02
+            for value, (lo, hi) in ((got[4], bounds[4]), (got[-1], (0, n))):
+                rank = float((full[lo:hi] < value).double().mean())
+                assert abs(rank - 0.5) < 0.047
         else:
             torch.testing.assert_close(
                 torch.tensor(got, dtype=torch.float64),
