@@ -1,14 +1,16 @@
 """The agent's CPU work as fused kernels (numba) for ``watch(cpu_kernels=True)``: the
-per-layer sums and GSNR medians of an emitted step, and the per-step gather and running
-moments.
+per-step gather and running moments, the per-layer sums and GSNR medians of an emitted
+step, and the whole emitted step of the streaming estimator in one pass.
 
 On the CPU each torch op costs a few microseconds of dispatch however little data it
-moves, and ``signal_stats.layer_statistics`` is ~40 of them: ~0.4 ms a call on the
+moves, and ``signal_stats.layer_statistics`` is ~40 of them: ~0.4–0.6 ms a call on the
 784-512-512-10 benchmark MLP (27k sampled coordinates), most of the agent's cost at equal
 cadence. Here one vectorized pass per layer computes all ten per-layer sums and one
-selection per layer its median, in under a third of the time
-(bench/results/statistics_compile.md); the per-step update is one gather per tensor and
-one kernel for both moments (bench/results/agent_cold_calls.md).
+selection per layer its median, in 0.15× the time (bench/results/statistics_compile.md);
+the per-step update is one gather per tensor and one kernel for both moments; and inside a
+training step, where every separate pass and call starts cold
+(bench/results/agent_cold_calls.md), ``stream_emit`` does an emitted step's update and
+statistics in one pass per layer.
 
 Importing this module compiles the kernels for float32 and float64 (or loads them from
 numba's cache); ``cpu_kernels.load`` does that in a background thread so
