@@ -43,7 +43,8 @@ _EXACT_FLAGS: dict[str, Any] = {
     "boundscheck": False,
     "error_model": "numpy",
 }
-# params: [alpha, soft_lambda, alpha_n, tiny, batch_size, 0, 1], in the inputs' dtype.
+# params: [alpha, soft_lambda, alpha_n, tiny, batch_size, 0, 1, w_s, w_m, 1 − β, c_m, c_s] in
+# the inputs' dtype; the last five serve the streaming pass (stream_emit) only.
 _SIGNATURES = [
     f"void({t}[::1], {t}[::1], {t}[::1], {t}[::1], {t}[::1], u1[::1], i8[:, ::1], "
     f"{t}[::1], i8, i8, {t}[:, ::1], {t}[::1], {t}[::1])"
@@ -53,39 +54,72 @@ DTYPES = (torch.float32, torch.float64)
 
 
 @numba.njit(**_SUM_FLAGS)
-def _range_sums(g, s, m2, w, m2p, params):  # type: ignore[no-untyped-def]
-    # Slices indexed from 0: a loop from a bound read out of an array kept LLVM from
-    # vectorizing it (negative-index wraparound), ~9x slower.
+def _pass(g, m, s, w, m2p, closed_run, params, evals, stream, own_m):  # type: ignore[no-untyped-def]
+    # One layer's coordinates, indexed from 0: a loop from a bound read out of an array
+    # kept LLVM from vectorizing it (negative-index wraparound), ~9x slower. ``stream``
+    # (loop-invariant, so LLVM unswitches it): m is the first moment before this step and
+    # s the raw second moment, both updated here, and the gate's m̂² and ŝ are computed
+    # from them; otherwise m holds m² and s holds ŝ (any estimator), and m2p m²_pop.
     alpha, lam, alpha_n, tiny = params[0], params[1], params[2], params[3]
     zero, one = params[5], params[6]  # literals would promote float32 to float64
+    ws, wm, bw, cm, cs = params[7], params[8], params[9], params[10], params[11]
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a9 = zero
+    persistent = 0
     for i in range(g.shape[0]):
-        gi, si, wi, pi = g[i], s[i], w[i], m2p[i]
+        gi, wi = g[i], w[i]
+        if stream:
+            mi, si = m[i], s[i]
+            d = gi - mi
+            s_new = si + ws * (d * d - si)  # ws = 0 on a step without the update
+            s[i] = s_new
+            if own_m:
+                m[i] = mi + wm * (gi - mi)
+            m_hat = (mi + bw * (gi - mi)) * cm
+            m2 = m_hat * m_hat
+            s_hat = s_new * cs
+            m2_pop = m2
+        else:
+            m2, s_hat, m2_pop = m[i], s[i], m2p[i]
         g2 = gi * gi
-        sc = si + tiny
-        excess = m2[i] - alpha * si
+        sc = s_hat + tiny
+        excess = m2 - alpha * s_hat
         kept = max(excess, zero)
         q = kept / (kept + lam * sc)
-        a0 += one if excess > zero else zero
+        is_open = excess > zero
+        a0 += one if is_open else zero
         a1 += q
         a2 += q * g2
         a3 += g2
         a4 += wi * g2
         a5 += wi * sc
         a6 += sc
-        a7 += one if pi > alpha_n * si else zero
-        a9 += wi * pi
-    return a0, a1, a2, a3, a4, a5, a6, a7, a9
+        a7 += one if m2_pop > alpha_n * s_hat else zero
+        a9 += wi * m2_pop
+        run = 0 if is_open else min(int(closed_run[i]), 253) + 1
+        closed_run[i] = run
+        persistent += 1 if run >= evals else 0
+    return (a0, a1, a2, a3, a4, a5, a6, a7, a9), persistent
 
 
 @numba.njit(**_SUM_FLAGS)
-def _reservoir(m2, s, closed_run, alpha, evals):  # type: ignore[no-untyped-def]
-    count = 0
-    for i in range(m2.shape[0]):
-        run = 0 if m2[i] > alpha * s[i] else min(int(closed_run[i]), 253) + 1
-        closed_run[i] = run
-        count += 1 if run >= evals else 0
-    return count
+def _all_layers(g, m, s, w, m2p, closed_run, bounds, params, evals, stream, own_m, sums):  # type: ignore[no-untyped-def]
+    # The _ROWS sums of signal_stats per layer (columns) and over all of them (last).
+    nl = bounds.shape[0]
+    for col in range(nl + 1):
+        for row in range(sums.shape[0]):
+            sums[row, col] = 0
+    for layer in range(nl):
+        lo, hi = bounds[layer, 0], bounds[layer, 1]
+        r, persistent = _pass(
+            g[lo:hi], m[lo:hi], s[lo:hi], w[lo:hi], m2p[lo:hi], closed_run[lo:hi], params,
+            evals, stream, own_m,
+        )  # fmt: skip
+        for row in range(8):
+            sums[row, layer] = r[row]
+        sums[8, layer] = persistent
+        sums[9, layer] = r[8]
+        for row in range(10):
+            sums[row, nl] += sums[row, layer]
 
 
 @numba.njit(**_EXACT_FLAGS)
@@ -142,19 +176,10 @@ def _median_snr(g, s, s_scale, params, median_max, buf):  # type: ignore[no-unty
 def _layer_sums(  # type: ignore[no-untyped-def]
     g, s, m2, w, m2p, closed_run, bounds, params, evals, median_max, sums, gsnr, buf
 ):
+    _all_layers(g, m2, s, w, m2p, closed_run, bounds, params, evals, False, False, sums)
     nl = bounds.shape[0]
-    for col in range(sums.shape[1]):
-        for row in range(sums.shape[0]):
-            sums[row, col] = 0
     for layer in range(nl):
         lo, hi = bounds[layer, 0], bounds[layer, 1]
-        r = _range_sums(g[lo:hi], s[lo:hi], m2[lo:hi], w[lo:hi], m2p[lo:hi], params)
-        for row in range(8):
-            sums[row, layer] = r[row]
-        sums[9, layer] = r[8]
-        sums[8, layer] = _reservoir(m2[lo:hi], s[lo:hi], closed_run[lo:hi], params[0], evals)
-        for row in range(10):
-            sums[row, nl] += sums[row, layer]
         gsnr[layer] = _median_snr(g[lo:hi], s[lo:hi], params[6], params, median_max, buf)
     gsnr[nl] = _median_snr(g, s, params[6], params, median_max, buf)
 
@@ -177,6 +202,7 @@ def layer_sums(
     """Fill ``sums`` (the ten rows of signal_stats._ROWS × layers + overall) and ``gsnr``
     (each layer's and the overall GSNR median) from contiguous CPU tensors of one dtype,
     updating ``closed_run`` in place; on an emitted step, before the optimizer step."""
+    _check_sizes((g, s, m2, w, m2_population, closed_run), bounds, median_max, buf.shape[0])
     _layer_sums(
         g.numpy(), s.numpy(), m2.numpy(), w.numpy(), m2_population.numpy(),
         closed_run.numpy(), bounds, params, reservoir_evals, median_max,
@@ -217,6 +243,17 @@ def _both_moments(g, m, s, ws, wm):  # type: ignore[no-untyped-def]
         d = g[i] - m[i]
         s[i] = s[i] + ws * (d * d - s[i])
         m[i] = m[i] + wm * (g[i] - m[i])
+
+
+def _check_sizes(
+    vectors: tuple[torch.Tensor, ...], bounds: Any, median_max: int, buf_size: int
+) -> None:
+    """The kernels index without bounds checks: refuse what would take them out of bounds."""
+    n = vectors[0].numel()
+    if any(t.numel() != n for t in vectors) or (bounds.shape[0] and int(bounds[-1, 1]) > n):
+        raise ValueError(f"vectors or layer bounds do not fit {n} coordinates")
+    if buf_size < min(median_max, n):
+        raise ValueError(f"median buffer of {buf_size} < min(median_max={median_max}, {n})")
 
 
 def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -274,51 +311,12 @@ def update_moments(
 # moments and every per-layer sum, then the medians and the fields. Inside a training step
 # each separate pass and call found its data evicted and its code cold: this pass reads
 # each coordinate once (bench/results/agent_cold_calls.md).
-# params: [alpha, soft_lambda, alpha_n, tiny, batch_size, 0, 1, w_s, w_m, 1 − β, c_m, c_s]
 _STREAM_SIGNATURES = [
     f"void({t}[::1], {t}[::1], {t}[::1], {t}[::1], u1[::1], i8[:, ::1], {t}[::1], i8, "
     "i8, b1, f8[:, ::1], f8[:, ::1], f8[:, ::1], f8[:, ::1], f8[::1], "
     f"{t}[::1], f8[::1])"
     for t in ("f4", "f8")
 ]
-
-
-@numba.njit(**_SUM_FLAGS)
-def _stream_sums(g, m, s, w, closed_run, params, evals, own_m):  # type: ignore[no-untyped-def]
-    alpha, lam, alpha_n, tiny = params[0], params[1], params[2], params[3]
-    zero, one = params[5], params[6]
-    ws, wm, bw, cm, cs = params[7], params[8], params[9], params[10], params[11]
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a9 = zero
-    persistent = 0
-    for i in range(g.shape[0]):
-        gi, mi, si, wi = g[i], m[i], s[i], w[i]
-        d = gi - mi
-        s_new = si + ws * (d * d - si)  # ws = 0 on a step without the update
-        s[i] = s_new
-        if own_m:
-            m[i] = mi + wm * (gi - mi)
-        m_hat = (mi + bw * (gi - mi)) * cm
-        m2 = m_hat * m_hat
-        s_hat = s_new * cs
-        g2 = gi * gi
-        sc = s_hat + tiny
-        excess = m2 - alpha * s_hat
-        kept = max(excess, zero)
-        q = kept / (kept + lam * sc)
-        is_open = excess > zero
-        a0 += one if is_open else zero
-        a1 += q
-        a2 += q * g2
-        a3 += g2
-        a4 += wi * g2
-        a5 += wi * sc
-        a6 += sc
-        a7 += one if m2 > alpha_n * s_hat else zero
-        a9 += wi * m2
-        run = 0 if is_open else min(int(closed_run[i]), 253) + 1
-        closed_run[i] = run
-        persistent += 1 if run >= evals else 0
-    return (a0, a1, a2, a3, a4, a5, a6, a7, a9), persistent
 
 
 @numba.njit(_STREAM_SIGNATURES, **_SUM_FLAGS)
@@ -341,21 +339,8 @@ def _stream_emit(  # type: ignore[no-untyped-def]
     buf,
     out,
 ):
+    _all_layers(g, m, s, w, m, closed_run, bounds, params, evals, True, own_m, sums)
     nl = bounds.shape[0]
-    for col in range(nl + 1):
-        for row in range(sums.shape[0]):
-            sums[row, col] = 0.0
-    for layer in range(nl):
-        lo, hi = bounds[layer, 0], bounds[layer, 1]
-        r, persistent = _stream_sums(
-            g[lo:hi], m[lo:hi], s[lo:hi], w[lo:hi], closed_run[lo:hi], params, evals, own_m
-        )
-        for row in range(8):
-            sums[row, layer] = r[row]
-        sums[8, layer] = persistent
-        sums[9, layer] = r[8]
-        for row in range(10):
-            sums[row, nl] += sums[row, layer]
     # The fields: (num · ext) / (den · ext), ext = [sums; coordinates; ones; GSNR medians].
     for col in range(nl + 1):
         for row in range(10):
@@ -415,6 +400,7 @@ def stream_emit(
     ):
         return False
     sums, ext, buf = scratch
+    _check_sizes((g, m_prev, s, w, closed_run), bounds, median_max, buf.shape[0])
     _stream_emit(
         g.numpy(), m_prev.numpy(), s.numpy(), w.numpy(), closed_run.numpy(), bounds, params,
         reservoir_evals, median_max, own_m, coefficients[0], coefficients[1], sums, ext,

@@ -252,10 +252,12 @@ def _bounds_array(bounds: list[tuple[int, int]]) -> Any:
 
 
 def _kernel_params(gate: GateSettings, batch_size: int, dtype: torch.dtype) -> Any:
-    """[α, λ, α_n, ε, b, 0, 1] in the inputs' dtype, as the kernels round them."""
+    """[α, λ, α_n, ε, b, 0, 1] in the inputs' dtype, as the kernels round them (and five
+    entries the streaming pass alone reads)."""
     key = (gate.alpha, gate.soft_lambda, gate.alpha_n, batch_size, dtype)
     if key not in _PARAMS:
         values = [gate.alpha, gate.soft_lambda, gate.alpha_n, _TINY, float(batch_size), 0, 1]
+        values += [0, 0, 0, 1, 1]
         _PARAMS[key] = torch.tensor(values, dtype=dtype).numpy()
     return _PARAMS[key]
 

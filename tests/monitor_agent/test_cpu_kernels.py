@@ -200,3 +200,27 @@ def test_stream_emit_matches_the_update_then_the_statistics_in_torch(
     atol = 1e-6 if dtype == torch.float32 else 1e-14
     torch.testing.assert_close(s, s_twin, rtol=1e-5, atol=atol)
     torch.testing.assert_close(m, m_twin, rtol=1e-5, atol=atol)
+
+
+def test_kernels_refuse_sizes_that_would_take_them_out_of_bounds(kernels: object) -> None:
+    """The kernels index without bounds checks: a short vector, bounds past the end or a
+    median buffer too small is a ValueError, not a write past the end."""
+    from monitor_agent import signal_stats as st
+
+    n = 64
+    v = torch.rand(n)
+    closed = torch.zeros(n, dtype=torch.uint8)
+    params = st._kernel_params(st.GateSettings(), 8, torch.float32)
+    sums, gsnr = torch.empty((10, 2), dtype=torch.float32), torch.empty(2)
+
+    def call(bounds: list[tuple[int, int]], buf: int, short: bool = False) -> None:
+        kernels.layer_sums(  # type: ignore[attr-defined]
+            v, v[:-1] if short else v, v, v, v, closed, st._bounds_array(bounds), params,
+            2, st.MEDIAN_MAX, sums, gsnr, torch.empty(buf),
+        )  # fmt: skip
+
+    call([(0, n)], n)  # fits
+    for bounds, buf, short in (([(0, n + 1)], n + 1, False), ([(0, n)], n - 1, False),
+                               ([(0, n)], n, True)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"fit|buffer"):
+            call(bounds, buf, short)
