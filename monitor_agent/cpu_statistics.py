@@ -6,7 +6,7 @@ On the CPU each torch op costs a few microseconds of dispatch however little dat
 moves, and ``signal_stats.layer_statistics`` is ~40 of them: ~0.4–0.6 ms a call on the
 784-512-512-10 benchmark MLP (27k sampled coordinates), most of the agent's cost at equal
 cadence. Here one vectorized pass per layer computes all ten per-layer sums and one
-selection per layer its median, in 0.15× the time (bench/results/statistics_compile.md);
+selection per layer its median, in 0.15–0.27× the time (bench/results/statistics_compile.md);
 the per-step update is one gather per tensor and one kernel for both moments; and inside a
 training step, where every separate pass and call starts cold
 (bench/results/agent_cold_calls.md), ``stream_emit`` does an emitted step's update and
