@@ -17,7 +17,9 @@ Configurations, each on its own copy of the model (same seed and batch):
   the monitor kept them: its row is what the kept workspace saves.
 
 Each part's cost is the difference of medians of per-round ratios to the plain step, in
-milliseconds of that step. Run:
+milliseconds of that step. With ``--cpu-kernels`` (watch(cpu_kernels=True)) most emitted
+steps compute the update and the statistics in one kernel that does not go through
+``layer_statistics``, so the 'statistics free' row no longer isolates the statistics. Run:
 
     .venv/bin/python bench/agent_breakdown.py [--rounds 15] [--steps 30] [--only MLP] [--cpu-kernels]
 

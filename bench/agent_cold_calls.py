@@ -87,8 +87,8 @@ def main() -> None:
         scratch = g.numpy()[:1]
         calls: dict[str, Callable[[], Any]] = {
             "torch in-place add (26,931 floats)": lambda: g.add_(0.0),
-            "numba call doing nothing": lambda: kernels._second_moment(
-                scratch, scratch, scratch, 0.0, 0.0
+            "numba call doing nothing": lambda: kernels._moments(
+                scratch, scratch, scratch, 0.0, 0.0, False
             ),
             "gather, fused kernel": lambda: kernels.gather(
                 [p.grad for p in plain.params], plain.idx, plain.bounds, g

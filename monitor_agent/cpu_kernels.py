@@ -17,10 +17,11 @@ _LOCK = threading.Lock()
 
 
 def load(wait: bool = False) -> bool:
-    """Start loading the kernels (numba compiles them, ~4 s of one core the first time in
-    an environment, or loads its cache, ~0.5 s) in a background thread; with ``wait``,
-    block until done. True once they are ready; False while loading, when turned off, or
-    without numba (the reason: state())."""
+    """Start loading the kernels (numba compiles them the first time in an environment,
+    several seconds of one core: 6.2 s in bench/results/statistics_compile.md; later it
+    loads its cache) in a background thread; with ``wait``, block until done. True once
+    they are ready; False while loading, when turned off, or without numba (the reason:
+    state())."""
     with _LOCK:
         if _STATE["module"] is None and _STATE["error"] is None:
             if os.environ.get("CHANNELSCOPE_CPU_KERNELS", "1") == "0":

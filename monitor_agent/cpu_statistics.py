@@ -1,22 +1,22 @@
 """The agent's CPU work as fused kernels (numba) for ``watch(cpu_kernels=True)``: the
-per-step gather and running moments, the per-layer sums and GSNR medians of an emitted
-step, and the whole emitted step of the streaming estimator in one pass.
+per-step gather and running moments, and the statistics of an emitted step (for the
+streaming estimator together with that step's update of both moments).
 
 On the CPU each torch op costs a few microseconds of dispatch however little data it
 moves, and ``signal_stats.layer_statistics`` is ~40 of them: ~0.4–0.6 ms a call on the
 784-512-512-10 benchmark MLP (27k sampled coordinates), most of the agent's cost at equal
-cadence. Here one vectorized pass per layer computes all ten per-layer sums and one
-selection per layer its median, in 0.15–0.27× the time (bench/results/statistics_compile.md);
-the per-step update is one gather per tensor and one kernel for both moments; and inside a
-training step, where every separate pass and call starts cold
-(bench/results/agent_cold_calls.md), ``stream_emit`` does an emitted step's update and
-statistics in one pass per layer.
+cadence. Here one vectorized pass per layer computes all ten per-layer sums, one selection
+per layer its median, and a small product the fields, in 0.15–0.31× the time
+(bench/results/statistics_compile.md); the per-step update is one gather per tensor and one
+kernel for both moments. Inside a training step every separate pass and call starts cold
+(bench/results/agent_cold_calls.md), so for the streaming estimator the same pass also
+updates the moments and forms m̂ and ŝ.
 
 Importing this module compiles the kernels for float32 and float64 (or loads them from
-numba's cache); ``cpu_kernels.load`` does that in a background thread so
-that no training step waits for it. The sums match the torch path to float rounding
-(they are summed in a different order); the medians match it exactly (the same entries,
-the same arithmetic, the same rank).
+numba's cache); ``cpu_kernels.load`` does that in a background thread so that no training
+step waits for it. On the same inputs the sums match the torch path to float rounding (they
+are summed in a different order) and the medians match it exactly (the same entries, the
+same arithmetic, the same rank).
 """
 
 from __future__ import annotations
@@ -44,13 +44,20 @@ _EXACT_FLAGS: dict[str, Any] = {
     "error_model": "numpy",
 }
 # params: [alpha, soft_lambda, alpha_n, tiny, batch_size, 0, 1, w_s, w_m, 1 − β, c_m, c_s] in
-# the inputs' dtype; the last five serve the streaming pass (stream_emit) only.
+# the inputs' dtype; the last five serve the streaming pass only.
 _SIGNATURES = [
     f"void({t}[::1], {t}[::1], {t}[::1], {t}[::1], {t}[::1], u1[::1], i8[:, ::1], "
-    f"{t}[::1], i8, i8, {t}[:, ::1], {t}[::1], {t}[::1])"
+    f"{t}[::1], i8, i8, b1, b1, f8[:, ::1], f8[:, ::1], f8[::1], f8[:, ::1], f8[:, ::1], "
+    f"{t}[::1], f8[::1])"
     for t in ("f4", "f8")
 ]
 DTYPES = (torch.float32, torch.float64)
+
+
+@numba.njit(inline="always")
+def _lerp(start, end, weight):  # type: ignore[no-untyped-def]
+    # torch.lerp for weights below ½ (every weight here): start + w·(end − start).
+    return start + weight * (end - start)
 
 
 @numba.njit(**_SUM_FLAGS)
@@ -70,11 +77,11 @@ def _pass(g, m, s, w, m2p, closed_run, params, evals, stream, own_m):  # type: i
         if stream:
             mi, si = m[i], s[i]
             d = gi - mi
-            s_new = si + ws * (d * d - si)  # ws = 0 on a step without the update
+            s_new = _lerp(si, d * d, ws)  # ws = 0 on a step without the update
             s[i] = s_new
             if own_m:
-                m[i] = mi + wm * (gi - mi)
-            m_hat = (mi + bw * (gi - mi)) * cm
+                m[i] = _lerp(mi, gi, wm)
+            m_hat = _lerp(mi, gi, bw) * cm
             m2 = m_hat * m_hat
             s_hat = s_new * cs
             m2_pop = m2
@@ -172,49 +179,21 @@ def _median_snr(g, s, s_scale, params, median_max, buf):  # type: ignore[no-unty
     return _select(buf[:m], (m - 1) // 2)
 
 
-@numba.njit(_SIGNATURES, **_SUM_FLAGS)
-def _layer_sums(  # type: ignore[no-untyped-def]
-    g, s, m2, w, m2p, closed_run, bounds, params, evals, median_max, sums, gsnr, buf
-):
-    _all_layers(g, m2, s, w, m2p, closed_run, bounds, params, evals, False, False, sums)
+@numba.njit(**_EXACT_FLAGS)
+def _medians(g, s, s_scale, bounds, params, median_max, buf, dst):  # type: ignore[no-untyped-def]
+    # Each layer's GSNR median, then the overall one, into dst.
     nl = bounds.shape[0]
     for layer in range(nl):
         lo, hi = bounds[layer, 0], bounds[layer, 1]
-        gsnr[layer] = _median_snr(g[lo:hi], s[lo:hi], params[6], params, median_max, buf)
-    gsnr[nl] = _median_snr(g, s, params[6], params, median_max, buf)
-
-
-def layer_sums(
-    g: torch.Tensor,
-    s: torch.Tensor,
-    m2: torch.Tensor,
-    w: torch.Tensor,
-    m2_population: torch.Tensor,
-    closed_run: torch.Tensor,
-    bounds: np.ndarray[Any, Any],
-    params: np.ndarray[Any, Any],
-    reservoir_evals: int,
-    median_max: int,
-    sums: torch.Tensor,
-    gsnr: torch.Tensor,
-    buf: torch.Tensor,
-) -> None:
-    """Fill ``sums`` (the ten rows of signal_stats._ROWS × layers + overall) and ``gsnr``
-    (each layer's and the overall GSNR median) from contiguous CPU tensors of one dtype,
-    updating ``closed_run`` in place; on an emitted step, before the optimizer step."""
-    _check_sizes((g, s, m2, w, m2_population, closed_run), bounds, median_max, buf.shape[0])
-    _layer_sums(
-        g.numpy(), s.numpy(), m2.numpy(), w.numpy(), m2_population.numpy(),
-        closed_run.numpy(), bounds, params, reservoir_evals, median_max,
-        sums.numpy(), gsnr.numpy(), buf.numpy(),
-    )  # fmt: skip
+        dst[layer] = _median_snr(g[lo:hi], s[lo:hi], s_scale, params, median_max, buf)
+    dst[nl] = _median_snr(g, s, s_scale, params, median_max, buf)
 
 
 # The per-step update: the strided gather of the sampled coordinates and the two running
 # moments, each one kernel instead of a chain of torch ops (on the CPU each op's dispatch
 # costs more than its arithmetic on ~10⁴ coordinates).
 _GATHER_SIGNATURES = [f"f8({t}[::1], i8, i8, i8, {t}[::1], i8)" for t in ("f4", "f8")]
-_MOMENT_SIGNATURES = [f"void({t}[::1], {t}[::1], {t}[::1], {t}, {t})" for t in ("f4", "f8")]
+_MOMENT_SIGNATURES = [f"void({t}[::1], {t}[::1], {t}[::1], {t}, {t}, b1)" for t in ("f4", "f8")]
 
 
 @numba.njit(_GATHER_SIGNATURES, **_SUM_FLAGS)
@@ -229,20 +208,14 @@ def _gather(src, start, step, count, dst, offset):  # type: ignore[no-untyped-de
 
 
 @numba.njit(_MOMENT_SIGNATURES, **_EXACT_FLAGS)
-def _second_moment(g, m_prev, s, ws, unused):  # type: ignore[no-untyped-def]
-    # The same signature as _both_moments (m_prev is Adam's exp_avg: not ours to move).
-    for i in range(g.shape[0]):
-        d = g[i] - m_prev[i]
-        s[i] = s[i] + ws * (d * d - s[i])
-
-
-@numba.njit(_MOMENT_SIGNATURES, **_EXACT_FLAGS)
-def _both_moments(g, m, s, ws, wm):  # type: ignore[no-untyped-def]
-    # m is the first moment before this step: s reads it before it moves.
+def _moments(g, m, s, ws, wm, own_m):  # type: ignore[no-untyped-def]
+    # m is the first moment before this step: s reads it before it moves (own_m), or it is
+    # Adam's exp_avg, not ours to move.
     for i in range(g.shape[0]):
         d = g[i] - m[i]
-        s[i] = s[i] + ws * (d * d - s[i])
-        m[i] = m[i] + wm * (g[i] - m[i])
+        s[i] = _lerp(s[i], d * d, ws)
+        if own_m:
+            m[i] = _lerp(m[i], g[i], wm)
 
 
 def _check_sizes(
@@ -302,56 +275,29 @@ def update_moments(
     step."""
     if not all(_fits(t, g.dtype) for t in (g, m_prev, s)):
         return False
-    kernel = _both_moments if own_m else _second_moment
-    kernel(g.numpy(), m_prev.numpy(), s.numpy(), s_weight, m_weight)
+    _moments(g.numpy(), m_prev.numpy(), s.numpy(), s_weight, m_weight, own_m)
     return True
 
 
-# An emitted step of the streaming estimator in one pass per layer: the update of both
-# moments and every per-layer sum, then the medians and the fields. Inside a training step
-# each separate pass and call found its data evicted and its code cold: this pass reads
-# each coordinate once (bench/results/agent_cold_calls.md).
-_STREAM_SIGNATURES = [
-    f"void({t}[::1], {t}[::1], {t}[::1], {t}[::1], u1[::1], i8[:, ::1], {t}[::1], i8, "
-    "i8, b1, f8[:, ::1], f8[:, ::1], f8[:, ::1], f8[:, ::1], f8[::1], "
-    f"{t}[::1], f8[::1])"
-    for t in ("f4", "f8")
-]
-
-
-@numba.njit(_STREAM_SIGNATURES, **_SUM_FLAGS)
-def _stream_emit(  # type: ignore[no-untyped-def]
-    g,
-    m,
-    s,
-    w,
-    closed_run,
-    bounds,
-    params,
-    evals,
-    median_max,
-    own_m,
-    num,
-    den,
-    sums,
-    ext,
-    counts,
-    buf,
-    out,
-):
-    _all_layers(g, m, s, w, m, closed_run, bounds, params, evals, True, own_m, sums)
+# The statistics of an emitted step: every per-layer sum in one pass per layer (for the
+# streaming estimator the same pass updates both moments and forms m̂ and ŝ: inside a
+# training step each separate pass and call found its data evicted and its code cold,
+# bench/results/agent_cold_calls.md), the medians, and the fields.
+@numba.njit(_SIGNATURES, **_SUM_FLAGS)
+def _statistics(  # type: ignore[no-untyped-def]
+    g, m, s, w, m2p, closed_run, bounds, params, evals, median_max, stream, own_m, num, den,
+    counts, sums, ext, buf, out,
+):  # fmt: skip
+    _all_layers(g, m, s, w, m2p, closed_run, bounds, params, evals, stream, own_m, sums)
     nl = bounds.shape[0]
-    # The fields: (num · ext) / (den · ext), ext = [sums; coordinates; ones; GSNR medians].
+    # ext = [sums; coordinates; ones; GSNR medians] (ŝ = s·c_s on the streaming pass)
+    _medians(g, s, params[11] if stream else params[6], bounds, params, median_max, buf, ext[12])
     for col in range(nl + 1):
         for row in range(10):
             ext[row, col] = sums[row, col]
         ext[10, col] = counts[col]
         ext[11, col] = 1.0
-        if col < nl:
-            lo, hi = bounds[col, 0], bounds[col, 1]
-            ext[12, col] = _median_snr(g[lo:hi], s[lo:hi], params[11], params, median_max, buf)
-        else:
-            ext[12, col] = _median_snr(g, s, params[11], params, median_max, buf)
+    # The fields, (num · ext) / (den · ext), laid out [overall, per layer (field-major), T, Q].
     nf = num.shape[0] - 2
     for field in range(num.shape[0]):
         for col in range(nl + 1):
@@ -360,50 +306,52 @@ def _stream_emit(  # type: ignore[no-untyped-def]
             for k in range(ext.shape[0]):
                 top += num[field, k] * ext[k, col]
                 bottom += den[field, k] * ext[k, col]
-            value = top / (bottom + 1e-30)
-            # [overall fields, per-layer fields (field-major), T, Q]
-            if field < nf and col == nl:
-                out[field] = value
+            value = top / (bottom + params[3])
+            if col == nl:
+                out[field if field < nf else nf + nf * nl + field - nf] = value
             elif field < nf:
                 out[nf + field * nl + col] = value
-            elif col == nl:
-                out[nf + nf * nl + field - nf] = value
 
 
-def stream_emit(
-    g: torch.Tensor,
-    m_prev: torch.Tensor,
-    s: torch.Tensor,
-    w: torch.Tensor,
+def accepts(vectors: tuple[torch.Tensor, ...], closed_run: torch.Tensor) -> bool:
+    """Whether the statistics kernel takes these: contiguous 1-D CPU vectors of one float
+    dtype (float32 or float64) and a contiguous uint8 closed_run."""
+    return (
+        all(_fits(t, vectors[0].dtype) and t.dim() == 1 for t in vectors)
+        and closed_run.device.type == "cpu"
+        and closed_run.dtype == torch.uint8
+        and closed_run.is_contiguous()
+    )
+
+
+def statistics(
+    vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     closed_run: torch.Tensor,
     bounds: np.ndarray[Any, Any],
     params: np.ndarray[Any, Any],
     reservoir_evals: int,
     median_max: int,
+    stream: bool,
     own_m: bool,
     coefficients: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
     counts: np.ndarray[Any, Any],
-    scratch: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]],
-    out: np.ndarray[Any, Any],
-) -> bool:
-    """One emitted step of the streaming estimator: update s (and, with ``own_m``, the
-    agent's first moment m_prev) in place with the weights in ``params``, and write the
-    overall fields, the per-layer fields (field-major) and [T, Q] into ``out`` (float64),
-    as signal_stats.layer_statistics gives them from ŝ and m̂², to float rounding. False,
-    with nothing changed, unless the tensors are contiguous CPU tensors of one dtype. After
-    backward, before the optimizer step."""
-    if not all(_fits(t, g.dtype) for t in (g, m_prev, s, w)) or not (
-        closed_run.device.type == "cpu"
-        and closed_run.dtype == torch.uint8
-        and closed_run.is_contiguous()
-        and scratch[2].dtype == params.dtype
-    ):
-        return False
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    out: torch.Tensor,
+) -> None:
+    """The fields of an emitted step into ``out`` (float64: the overall fields, the
+    per-layer fields field-major, then [T, Q]), as signal_stats.layer_statistics gives
+    them, to float rounding; ``closed_run`` updated in place. ``vectors`` = (g, m, s, w,
+    m²_pop): with ``stream`` false, m holds m² and s holds ŝ; with ``stream`` true, m is
+    the first moment before this step and s the raw second moment, both updated here with
+    the weights in ``params`` (m only with ``own_m``), and m²_pop is not read. ``scratch``
+    = (sums, ext, median buffer). Only for tensors that ``accepts`` takes; a ValueError for
+    sizes that would take the kernel out of bounds. After backward, before the optimizer
+    step."""
     sums, ext, buf = scratch
-    _check_sizes((g, m_prev, s, w, closed_run), bounds, median_max, buf.shape[0])
-    _stream_emit(
-        g.numpy(), m_prev.numpy(), s.numpy(), w.numpy(), closed_run.numpy(), bounds, params,
-        reservoir_evals, median_max, own_m, coefficients[0], coefficients[1], sums, ext,
-        counts, buf, out,
+    _check_sizes((*vectors, closed_run), bounds, median_max, buf.shape[0])
+    g, m, s, w, m2p = (t.numpy() for t in vectors)
+    _statistics(
+        g, m, s, w, m2p, closed_run.numpy(), bounds, params, reservoir_evals, median_max,
+        stream, own_m, coefficients[0], coefficients[1], counts, sums.numpy(), ext.numpy(),
+        buf.numpy(), out.numpy(),
     )  # fmt: skip
-    return True

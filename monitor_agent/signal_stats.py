@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -147,28 +146,65 @@ def layer_statistics(
     them first; an error where they cannot apply)."""
     n = g.numel()
     scratch = workspace if workspace is not None else Workspace(n, g.dtype, g.device, limit=0)
-    args = (g, s, m2, w, m2_population, closed_run)
     if fused:
         cpu_kernels.load(wait=True)
-    kernels = _cpu_kernels_for(args) if fused is not False else None
-    if fused and kernels is None:
-        raise ValueError(f"fused CPU statistics do not apply here ({cpu_kernels.state()})")
-    if kernels is not None:
-        nl = len(bounds)
-        sums = scratch.get("sums", (_ROWS, nl + 1))
-        gsnr = scratch.get("gsnr", (nl + 1,))
-        kernels.layer_sums(
-            *args, _bounds_array(bounds), _kernel_params(gate, batch_size, g.dtype),
-            gate.reservoir_evals, MEDIAN_MAX, sums, gsnr,
-            scratch.get("median", (min(n, MEDIAN_MAX),)),
-        )  # fmt: skip
-    else:
-        sums, gsnr = _torch_sums(*args, bounds, batch_size, gate, scratch)
+    if fused is not False:
+        flat = fused_fields(
+            (g, m2, s, w, m2_population), closed_run, bounds, batch_size, gate, scratch
+        )
+        if flat is not None:
+            flat = flat.to(g.dtype, copy=True)  # the workspace's buffer is the next call's
+            nf, nl = len(LAYER_FIELDS), len(bounds)
+            return flat[nf : nf + nf * nl].view(nf, nl), flat[:nf], flat[nf + nf * nl :]
+        if fused:
+            raise ValueError(f"fused CPU statistics do not apply here ({cpu_kernels.state()})")
+    sums, gsnr = _torch_sums(g, s, m2, w, m2_population, closed_run, bounds, batch_size, gate,
+                             scratch)  # fmt: skip
     ext = torch.cat([sums, _layer_counts(bounds, g.dtype, g.device), gsnr.unsqueeze(0)])
     num, den = _coefficients(gate.alpha_n, g.dtype, g.device)
     out = (num @ ext).div_((den @ ext).add_(_TINY))
     nf = len(LAYER_FIELDS)
     return out[:nf, :-1], out[:nf, -1], out[nf:, -1]
+
+
+def fused_fields(
+    vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    closed_run: torch.Tensor,
+    bounds: list[tuple[int, int]],
+    batch_size: int,
+    gate: GateSettings,
+    scratch: Workspace,
+    stream: tuple[float, float, float, float, float] | None = None,
+    own_m: bool = False,
+) -> torch.Tensor | None:
+    """The statistics of an emitted step by the fused CPU kernels, as one float64 vector
+    [overall fields, per-layer fields (field-major), T, Q], or None where the kernels are
+    not loaded or do not take these tensors. ``vectors`` = (g, m², ŝ, w, m²_pop); with
+    ``stream`` = (w_s, w_m, 1 − β, c_m, c_s) they are (g, m_{t−1}, s, w, unused) instead
+    and the kernel also updates the streaming moments (m_{t−1} only with ``own_m``) and
+    forms m̂ = c_m·lerp(m_{t−1}, g, 1 − β) and ŝ = c_s·s from them in the same pass. The
+    vector is the workspace's: valid until the next call. After backward, before the
+    optimizer step."""
+    kernels = cpu_kernels.loaded()
+    if kernels is None or not kernels.accepts(vectors, closed_run):
+        return None
+    dtype, cpu, nl = vectors[0].dtype, torch.device("cpu"), len(bounds)
+    params = _kernel_params(gate, batch_size, dtype)
+    if stream is not None:
+        params = params.copy()
+        params[7:] = stream
+    num, den = _coefficients(gate.alpha_n, torch.float64, cpu)
+    f64 = torch.float64
+    out = scratch.get("fields", (len(LAYER_FIELDS) * (nl + 1) + 2,), f64)
+    kernels.statistics(
+        vectors, closed_run, _bounds_array(bounds), params, gate.reservoir_evals, MEDIAN_MAX,
+        stream is not None, own_m, (num.numpy(), den.numpy()),
+        _layer_counts(bounds, f64, cpu)[0].numpy(),
+        (scratch.get("sums", (_ROWS, nl + 1), f64), scratch.get("ext", (_ROWS + 3, nl + 1), f64),
+         scratch.get("median", (min(vectors[0].numel(), MEDIAN_MAX),))),
+        out,
+    )  # fmt: skip
+    return out
 
 
 def _torch_sums(
@@ -226,24 +262,6 @@ _BOUNDS: dict[tuple[tuple[int, int], ...], Any] = {}
 _PARAMS: dict[tuple[float, float, float, int, torch.dtype], Any] = {}
 
 
-def _cpu_kernels_for(tensors: tuple[torch.Tensor, ...]) -> ModuleType | None:
-    """The loaded kernels module when every tensor suits it: contiguous CPU tensors of
-    one float dtype (float32 or float64), the last (closed_run) uint8; else None."""
-    module = cpu_kernels.loaded()
-    if module is None:
-        return None
-    *floats, closed = tensors
-    dtype = floats[0].dtype
-    if dtype not in (torch.float32, torch.float64) or closed.dtype != torch.uint8:
-        return None
-    for t in tensors:
-        if t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 1:
-            return None
-    if any(t.dtype != dtype for t in floats):
-        return None
-    return module
-
-
 def _bounds_array(bounds: list[tuple[int, int]]) -> Any:
     key = tuple(bounds)
     if key not in _BOUNDS:
@@ -252,8 +270,8 @@ def _bounds_array(bounds: list[tuple[int, int]]) -> Any:
 
 
 def _kernel_params(gate: GateSettings, batch_size: int, dtype: torch.dtype) -> Any:
-    """[α, λ, α_n, ε, b, 0, 1] in the inputs' dtype, as the kernels round them (and five
-    entries the streaming pass alone reads)."""
+    """[α, λ, α_n, ε, b, 0, 1] in the inputs' dtype, as the kernels round them, and five
+    entries that only the streaming pass reads (fused_fields sets them)."""
     key = (gate.alpha, gate.soft_lambda, gate.alpha_n, batch_size, dtype)
     if key not in _PARAMS:
         values = [gate.alpha, gate.soft_lambda, gate.alpha_n, _TINY, float(batch_size), 0, 1]

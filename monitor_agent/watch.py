@@ -261,8 +261,6 @@ class Monitor:
         self._last_estimator = STREAMING
         self._w: torch.Tensor | None = None
         self._w_kind = False
-        self._gathered_sum: float | None = None  # the fused gather's sum of its values
-        self._one_pass_scratch: dict[str, Any] = {}
         self._adam_cache: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
         self._exact: ExactNoise | None = None
 
@@ -402,23 +400,24 @@ class Monitor:
                 cap.remove()
 
     # ----- per-step work --------------------------------------------------------------
-    def _flat(self, tensors: list[torch.Tensor | None], name: str) -> torch.Tensor:
+    def _flat(
+        self, tensors: list[torch.Tensor | None], name: str
+    ) -> tuple[torch.Tensor, float | None]:
         """The sampled coordinates of ``tensors`` as one flat vector, written into the
-        workspace tensor ``name`` (valid until the next step)."""
+        workspace tensor ``name`` (valid until the next step), and their sum where the
+        fused gather took them (None otherwise)."""
         out = self.workspace.get(name)
         kernels = self._kernels()
-        self._gathered_sum = (
-            None if kernels is None else kernels.gather(tensors, self.idx, self.bounds, out)
-        )
-        if self._gathered_sum is not None:
-            return out
+        total = None if kernels is None else kernels.gather(tensors, self.idx, self.bounds, out)
+        if total is not None:
+            return out, total
         pieces = []
         for t, idx, (lo, hi) in zip(tensors, self.idx, self.bounds, strict=True):
             if t is None:
                 pieces.append(torch.zeros(hi - lo, dtype=self.dtype, device=self.s.device))
             else:
                 pieces.append(sampled_flat(t.detach(), idx, self.dtype))
-        return torch.cat(pieces, out=out)
+        return torch.cat(pieces, out=out), None
 
     def _kernels(self) -> Any:
         """The fused CPU kernels' module when this monitor uses them and they have loaded."""
@@ -459,11 +458,11 @@ class Monitor:
         With full coverage Adam's exp_avg is reused (no parameter-sized buffer of our
         own); on a coordinate sample our own EMA of the sample is cheaper than gathering
         exp_avg every step, and its memory is the sample's size."""
-        if adam is None or not self.full_coverage:
+        if self._owns_m(adam):
             return self.m, self.beta, float(self.n_updates)
         states, groups = adam
         seen = float(states[0].get("step", 0))
-        exp_avg = self._flat([s["exp_avg"] for s in states], "exp_avg")
+        exp_avg, _ = self._flat([s["exp_avg"] for s in states], "exp_avg")
         return exp_avg, float(groups[0]["betas"][0]), seen
 
     def _step_scale(self, adam: Any) -> torch.Tensor:
@@ -560,8 +559,7 @@ class Monitor:
         # tensors fault (bench/results/single_model.md, equal cadence on the 1024-wide MLP:
         # 2,111 faults a step with them made anew, 1,736 kept).
         work = self.workspace
-        g = self._flat([p.grad for p in self.params], "g")
-        total = self._gathered_sum  # the fused gather summed what it gathered
+        g, total = self._flat([p.grad for p in self.params], "g")
         adam = self._adam_state()
         m_prev, beta, seen = self._first_moment(adam)
         # One reduction: a NaN or Inf anywhere makes the sum non-finite.
@@ -572,10 +570,10 @@ class Monitor:
             ok = 1.0 if math.isfinite(float(g.sum()) if total is None else total) else 0.0
         else:
             ok = torch.isfinite(g.sum()).to(self.dtype)
-        if not isinstance(ok, float) or ok == 0.0:
+        finite = isinstance(ok, float) and ok == 1.0  # known finite without a device sync
+        if not finite:
             self.nonfinite.add_(1 - ok)
             g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # g is our own copy
-        finite = isinstance(ok, float) and ok == 1.0
         if emit and finite and self._emit_in_one_pass(step, g, m_prev, beta, seen, adam, update):
             self.n_updates += int(update)
             self._reset_captures(step)
@@ -587,8 +585,8 @@ class Monitor:
             m_hat.mul_(1 / (1 - beta ** (seen + 1)))
         if update:
             # s ← (1−w)s + w(g − m_{t−1})², with w = 0 on a non-finite step.
-            own_m = adam is None or not self.full_coverage
-            kernels = self._kernels() if isinstance(ok, float) and ok == 1.0 else None
+            own_m = self._owns_m(adam)
+            kernels = self._kernels() if finite else None
             fused = kernels is not None and kernels.update_moments(
                 g, m_prev, self.s, own_m, 1 - self.rho, 1 - beta
             )
@@ -666,8 +664,17 @@ class Monitor:
         for its start, times (1+β)/2 because m_{t−1} carries noise of its own:
         E[(g − m)²] = σ²/b · 2/(1+β) for a stationary gradient. A workspace tensor: valid
         until the next step."""
-        start = 1 - self.rho ** max(self.n_updates, 1)
-        return torch.mul(self.s, (1 + beta) / 2 / start, out=self.workspace.get("s_stream"))
+        scale = self._noise_scale(beta, self.n_updates)
+        return torch.mul(self.s, scale, out=self.workspace.get("s_stream"))
+
+    def _noise_scale(self, beta: float, n_updates: int) -> float:
+        """ŝ/s after ``n_updates`` updates: the start's bias correction times (1+β)/2."""
+        return (1 + beta) / 2 / (1 - self.rho ** max(n_updates, 1))
+
+    def _owns_m(self, adam: Any) -> bool:
+        """Whether the first moment is the agent's own EMA (another optimizer, or a
+        coordinate sample) rather than Adam's exp_avg."""
+        return adam is None or not self.full_coverage
 
     def _emit(
         self, step: int, g: torch.Tensor, m_hat: torch.Tensor, beta: float, adam: Any
@@ -685,10 +692,11 @@ class Monitor:
         warm = estimator != STREAMING or self.n_updates * self.stride >= 1 / (1 - self.rho)
         with_hist = self._due("hist", step, self.hist_every) is not None
         # v̂ is a slow EMA (β2 ≈ 0.999): refreshing w with the histograms is enough.
-        if self._w is None or with_hist or self._w_kind != (adam is not None):
+        if with_hist or self._w_stale(adam):
             self._w = self._step_scale(adam)
             self._w_kind = adam is not None
         w = self._w
+        assert w is not None  # measured just above when missing
         m2_pop = m2 if exact is None else torch.mul(m_hat, m_hat, out=self.workspace.get("m2_pop"))
         per_layer, overall, rates = st.layer_statistics(
             g, s, m2, w, m2_pop, self.closed_run, self.bounds, self.batch_size, self.gate,
@@ -734,15 +742,15 @@ class Monitor:
         (when ``update``) and every statistic, then publish. False, with nothing done, where
         the kernels do not serve it: not loaded, another estimator, histograms or a probe
         due (they need ŝ and the model), a snapshot kept, or w not yet measured."""
-        kernels = self._kernels()
+        w = self._w
         if (
-            kernels is None
+            not self.cpu_kernels
+            or w is None
             or self.keep_snapshot
             or self.per_example is not None
             or self.microbatch is not None
             or self.ranks is not None
-            or self._w is None
-            or self._w_kind != (adam is not None)
+            or self._w_stale(adam)
             or self._is_due("hist", step, self.hist_every)
             or (
                 self.tracker is not None
@@ -751,43 +759,23 @@ class Monitor:
             )
         ):
             return False
-        scratch = self._one_pass_scratch
-        nl = len(self.bounds)
-        if not scratch:
-            num, den = st._coefficients(self.gate.alpha_n, torch.float64, torch.device("cpu"))
-            counts = [hi - lo for lo, hi in self.bounds]
-            scratch.update(
-                bounds=st._bounds_array(self.bounds),
-                coefficients=(num.numpy(), den.numpy()),
-                counts=torch.tensor([*counts, sum(counts)], dtype=torch.float64).numpy(),
-                rows=(
-                    torch.empty((10, nl + 1), dtype=torch.float64).numpy(),
-                    torch.empty((13, nl + 1), dtype=torch.float64).numpy(),
-                    torch.empty(min(self.n_coords, st.MEDIAN_MAX), dtype=self.dtype).numpy(),
-                ),
-                out=torch.empty(len(st.LAYER_FIELDS) * (nl + 1) + 2, dtype=torch.float64),
-            )
         n_after = self.n_updates + int(update)
-        gate = self.gate
-        params = torch.tensor(
-            [
-                gate.alpha, gate.soft_lambda, gate.alpha_n, st._TINY, float(self.batch_size), 0.0,
-                1.0, (1 - self.rho) if update else 0.0, 1 - beta, 1 - beta,
-                1 / (1 - beta ** (seen + 1)),
-                (1 + beta) / 2 / (1 - self.rho ** max(n_after, 1)),
-            ],
-            dtype=self.dtype,
-        ).numpy()  # fmt: skip
-        own_m = update and (adam is None or not self.full_coverage)
-        out = scratch["out"]
-        if not kernels.stream_emit(
-            g, m_prev, self.s, self._w, self.closed_run, scratch["bounds"], params,
-            gate.reservoir_evals, st.MEDIAN_MAX, own_m, scratch["coefficients"],
-            scratch["counts"], scratch["rows"], out.numpy(),
-        ):  # fmt: skip
+        weights = (
+            (1 - self.rho) if update else 0.0,  # w_s
+            1 - beta,  # w_m
+            1 - beta,  # m̂'s lerp
+            1 / (1 - beta ** (seen + 1)),  # m̂'s bias correction
+            self._noise_scale(beta, n_after),  # ŝ/s
+        )
+        out = st.fused_fields(
+            (g, m_prev, self.s, w, m_prev), self.closed_run, self.bounds,
+            self.batch_size, self.gate, self.workspace, stream=weights,
+            own_m=update and self._owns_m(adam),
+        )  # fmt: skip
+        if out is None:
             return False
         self._exact, self._last_estimator = None, STREAMING
-        nf = len(st.LAYER_FIELDS)
+        nf, nl = len(st.LAYER_FIELDS), len(self.bounds)
         flat = out.tolist()
         host = {
             "overall": flat[:nf],
@@ -809,6 +797,11 @@ class Monitor:
         last = self._last_run.get(schedule)
         self._last_run[schedule] = step
         return step - last if last is not None else every
+
+    def _w_stale(self, adam: Any) -> bool:
+        """Whether w must be measured (again): never measured, or the optimizer's kind of
+        step scale (Adam's or a plain learning rate) is not the one it was measured for."""
+        return self._w is None or self._w_kind != (adam is not None)
 
     def _is_due(self, schedule: str, step: int, every: int) -> bool:
         """Whether ``schedule`` is due at this emitted step (nothing is marked as run)."""

@@ -3,6 +3,7 @@ ops it replaces, and their loader; the statistics' twin tests are in test_signal
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
@@ -31,11 +32,8 @@ def test_gather_writes_the_sampled_coordinates_and_their_sum(
     samples = [slice(3, 60_000, 41), None, slice(0, 315, 2), None]
     pairs = list(zip(tensors, samples, strict=True))
     sizes = [len(range(t.numel())[s]) if s else t.numel() for t, s in pairs]
-    bounds, lo = [], 0
-    for n in sizes:
-        bounds.append((lo, lo + n))
-        lo += n
-    out = torch.empty(lo, dtype=dtype)
+    bounds = list(itertools.pairwise([0, *itertools.accumulate(sizes)]))
+    out = torch.empty(sum(sizes), dtype=dtype)
     total = kernels.gather(tensors, samples, bounds, out)  # type: ignore[attr-defined]
     want = torch.cat([sampled_flat(t, s, dtype) for t, s in pairs])
     assert torch.equal(out, want)
@@ -128,21 +126,19 @@ def test_without_numba_the_loader_warns_and_watch_keeps_the_torch_path() -> None
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("own_m", "update"), [(True, True), (False, True), (False, False)])
-def test_stream_emit_matches_the_update_then_the_statistics_in_torch(
+def test_the_streaming_pass_matches_the_update_then_the_statistics_in_torch(
     kernels: object, dtype: torch.dtype, own_m: bool, update: bool
 ) -> None:
-    """The one-pass emitted step of the streaming estimator against its torch twin: the
-    moments' update (none when ``update`` is false), m̂ and ŝ, then
-    signal_stats.layer_statistics on the torch path; over a few steps in a row."""
+    """signal_stats.fused_fields with the streaming weights (the monitor's one-pass
+    emitted step) against its torch twin: the moments' update (none when ``update`` is
+    false), m̂ and ŝ, then signal_stats.layer_statistics on the torch path; over a few
+    steps in a row."""
     from monitor_agent import signal_stats as st
 
     gen = torch.Generator().manual_seed(random.randrange(10**9))
     sizes = [3000, 1, 700, 1500]
-    bounds, lo = [], 0
-    for n in sizes:
-        bounds.append((lo, lo + n))
-        lo += n
-    n = lo
+    bounds = list(itertools.pairwise([0, *itertools.accumulate(sizes)]))
+    n = sum(sizes)
     gate = st.GateSettings(alpha=1.0, soft_lambda=1.0, alpha_n=0.02, reservoir_evals=2)
     rho, beta, b = 0.99, 0.9, 64
     s = torch.rand(n, generator=gen, dtype=dtype) * 0.1
@@ -150,14 +146,7 @@ def test_stream_emit_matches_the_update_then_the_statistics_in_torch(
     w = torch.rand(n, generator=gen, dtype=dtype)
     s_twin, m_twin = s.clone(), m.clone()
     closed, closed_twin = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
-    num, den = st._coefficients(gate.alpha_n, torch.float64, torch.device("cpu"))
-    counts = torch.tensor([*sizes, n], dtype=torch.float64).numpy()
-    nl = len(sizes)
-    rows = (
-        torch.empty((10, nl + 1), dtype=torch.float64).numpy(),
-        torch.empty((13, nl + 1), dtype=torch.float64).numpy(),
-        torch.empty(st.MEDIAN_MAX, dtype=dtype).numpy(),
-    )
+    workspace = st.Workspace(n, dtype, torch.device("cpu"))
     for step in range(1, 4):
         g = torch.randn(n, generator=gen, dtype=dtype) * 0.3 + 0.05
         c_m = 1 / (1 - beta ** (step + 1))
@@ -173,16 +162,12 @@ def test_stream_emit_matches_the_update_then_the_statistics_in_torch(
             if not bool(near.any()):
                 break
             g[near] += 0.01
-        params = torch.tensor(
-            [1.0, 1.0, gate.alpha_n, 1e-30, b, 0, 1, (1 - rho) * update, 1 - beta, 1 - beta,
-             c_m, c_s], dtype=dtype,
-        ).numpy()  # fmt: skip
-        out = torch.empty(9 * (nl + 1) + 2, dtype=torch.float64)
-        assert kernels.stream_emit(  # type: ignore[attr-defined]
-            g, m, s, w, closed, st._bounds_array(bounds), params, gate.reservoir_evals,
-            st.MEDIAN_MAX, own_m and update, (num.numpy(), den.numpy()), counts, rows,
-            out.numpy(),
+        weights = ((1 - rho) * update, 1 - beta, 1 - beta, c_m, c_s)
+        out = st.fused_fields(
+            (g, m, s, w, m), closed, bounds, b, gate, workspace, stream=weights,
+            own_m=own_m and update,
         )  # fmt: skip
+        assert out is not None
         m_hat = torch.lerp(m_twin, g, 1 - beta) * c_m
         if update:
             d = g - m_twin
@@ -210,13 +195,18 @@ def test_kernels_refuse_sizes_that_would_take_them_out_of_bounds(kernels: object
     n = 64
     v = torch.rand(n)
     closed = torch.zeros(n, dtype=torch.uint8)
-    params = st._kernel_params(st.GateSettings(), 8, torch.float32)
-    sums, gsnr = torch.empty((10, 2), dtype=torch.float32), torch.empty(2)
+    gate = st.GateSettings()
+    params = st._kernel_params(gate, 8, torch.float32)
+    num, den = st._coefficients(gate.alpha_n, torch.float64, torch.device("cpu"))
+    f64 = torch.float64
 
     def call(bounds: list[tuple[int, int]], buf: int, short: bool = False) -> None:
-        kernels.layer_sums(  # type: ignore[attr-defined]
-            v, v[:-1] if short else v, v, v, v, closed, st._bounds_array(bounds), params,
-            2, st.MEDIAN_MAX, sums, gsnr, torch.empty(buf),
+        kernels.statistics(  # type: ignore[attr-defined]
+            (v, v[:-1] if short else v, v, v, v), closed, st._bounds_array(bounds), params, 2,
+            st.MEDIAN_MAX, False, False, (num.numpy(), den.numpy()),
+            torch.ones(2, dtype=f64).numpy(),
+            (torch.empty((10, 2), dtype=f64), torch.empty((13, 2), dtype=f64), torch.empty(buf)),
+            torch.empty(9 * 2 + 2, dtype=f64),
         )  # fmt: skip
 
     call([(0, n)], n)  # fits

@@ -3,6 +3,7 @@ its paths (torch ops, and the fused CPU kernels of monitor_agent.cpu_statistics)
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -37,11 +38,8 @@ def _twin(
 def test_layer_statistics_match_a_per_field_twin(fused: bool) -> None:
     gen = torch.Generator().manual_seed(random.randrange(10**9))
     sizes = [700, 17, 1024, 1, 3000]  # below, at and above the median cap (1,024)
-    bounds, lo = [], 0
-    for n in sizes:
-        bounds.append((lo, lo + n))
-        lo += n
-    n = lo
+    bounds = list(itertools.pairwise([0, *itertools.accumulate(sizes)]))
+    n = sum(sizes)
 
     def rand() -> torch.Tensor:
         return torch.rand(n, generator=gen, dtype=torch.float64) + 0.01
@@ -93,11 +91,8 @@ def test_fused_kernels_match_the_torch_path(dtype: torch.dtype) -> None:
     reservoir counts, over several evaluations in a row; NaN medians where torch's are."""
     gen = torch.Generator().manual_seed(random.randrange(10**9))
     sizes = [5000, 1, 4097, 9000, 64]
-    bounds, lo = [], 0
-    for n in sizes:
-        bounds.append((lo, lo + n))
-        lo += n
-    n = lo
+    bounds = list(itertools.pairwise([0, *itertools.accumulate(sizes)]))
+    n = sum(sizes)
     gate = st.GateSettings(alpha=1.0, soft_lambda=1.0, alpha_n=0.05, reservoir_evals=3)
     closed = [torch.zeros(n, dtype=torch.uint8) for _ in range(2)]
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
