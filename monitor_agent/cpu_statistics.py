@@ -21,11 +21,15 @@ same arithmetic, the same rank).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import numba
 import numpy as np
 import torch
+from numba.core import types as nb_types
+from numba.extending import intrinsic
 
 # Reassociation lets the reductions vectorize; no approximate reciprocals or functions,
 # and no assumption that values are finite.
@@ -43,12 +47,13 @@ _EXACT_FLAGS: dict[str, Any] = {
     "boundscheck": False,
     "error_model": "numpy",
 }
-# params: [alpha, soft_lambda, alpha_n, tiny, batch_size, 0, 1, w_s, w_m, 1 − β, c_m, c_s] in
-# the inputs' dtype; the last five serve the streaming pass only.
+# params: [alpha, soft_lambda, alpha_n, tiny, batch_size, 0, 1, w_s, w_m, 1 − β, c_m, c_s,
+# lo, hi, width] in the inputs' dtype; w_s … c_s serve the streaming pass only, and lo, hi
+# (the clamp's top) and width (of the whole range) are the log-SNR histograms' geometry.
 _SIGNATURES = [
-    f"void({t}[::1], {t}[::1], {t}[::1], {t}[::1], {t}[::1], u1[::1], i8[:, ::1], "
+    f"f8({t}[::1], {t}[::1], {t}[::1], {t}[::1], {t}[::1], u1[::1], i8[:, ::1], "
     f"{t}[::1], i8, i8, b1, b1, f8[:, ::1], f8[:, ::1], f8[::1], f8[:, ::1], f8[:, ::1], "
-    f"{t}[::1], f8[::1])"
+    f"{t}[::1], f8[::1], i8[:, ::1], b1, {t}[:, ::1], b1, f8[:, ::1], b1)"
     for t in ("f4", "f8")
 ]
 DTYPES = (torch.float32, torch.float64)
@@ -108,8 +113,30 @@ def _pass(g, m, s, w, m2p, closed_run, params, evals, stream, own_m):  # type: i
     return (a0, a1, a2, a3, a4, a5, a6, a7, a9), persistent
 
 
+@numba.njit(**_EXACT_FLAGS)
+def _histogram(g, s, s_scale, params, hist):  # type: ignore[no-untyped-def]
+    # Counts of log10(ḡ²/ŝ), ŝ = s·s_scale, into hist (zeroed first) as
+    # signal_stats.log_snr_histograms counts them: clamped into the range, binned as
+    # torch.histc bins. Its own loop: inside the statistics pass it kept LLVM from
+    # vectorizing the sums (2x slower with no histogram due).
+    tiny, one = params[3], params[6]
+    lo, top, width = params[12], params[13], params[14]
+    bins = hist.shape[0]
+    scale = one * bins  # in the inputs' dtype, as torch.histc scales
+    for k in range(bins):
+        hist[k] = 0
+    for i in range(g.shape[0]):
+        x = np.log10((g[i] * g[i] + tiny) / (s[i] * s_scale + tiny))
+        if x == x:
+            x = min(max(x, lo), top)
+            b = int((x - lo) * scale / width)
+            hist[min(max(b, 0), bins - 1)] += 1.0
+
+
 @numba.njit(**_SUM_FLAGS)
-def _all_layers(g, m, s, w, m2p, closed_run, bounds, params, evals, stream, own_m, sums):  # type: ignore[no-untyped-def]
+def _all_layers(  # type: ignore[no-untyped-def]
+    g, m, s, w, m2p, closed_run, bounds, params, evals, stream, own_m, sums, with_hist, hist
+):
     # The _ROWS sums of signal_stats per layer (columns) and over all of them (last).
     nl = bounds.shape[0]
     for col in range(nl + 1):
@@ -121,6 +148,9 @@ def _all_layers(g, m, s, w, m2p, closed_run, bounds, params, evals, stream, own_
             g[lo:hi], m[lo:hi], s[lo:hi], w[lo:hi], m2p[lo:hi], closed_run[lo:hi], params,
             evals, stream, own_m,
         )  # fmt: skip
+        if with_hist:  # ŝ = s·c_s on the streaming pass
+            s_scale = params[11] if stream else params[6]
+            _histogram(g[lo:hi], s[lo:hi], s_scale, params, hist[layer])
         for row in range(8):
             sums[row, layer] = r[row]
         sums[8, layer] = persistent
@@ -191,20 +221,51 @@ def _medians(g, s, s_scale, bounds, params, median_max, buf, dst):  # type: igno
 
 # The per-step update: the strided gather of the sampled coordinates and the two running
 # moments, each one kernel instead of a chain of torch ops (on the CPU each op's dispatch
-# costs more than its arithmetic on ~10⁴ coordinates).
-_GATHER_SIGNATURES = [f"f8({t}[::1], i8, i8, i8, {t}[::1], i8)" for t in ("f4", "f8")]
+# costs more than its arithmetic on ~10⁴ coordinates). The gather reads every tensor through
+# its address in one call: a call per tensor, and a numpy view of each, cost more than the
+# copy inside a training step, where each call starts cold.
+_GATHER_SIGNATURES = [f"f8(i8[:, ::1], i8, i8[:, ::1], {t}[::1])" for t in ("f4", "f8")]
 _MOMENT_SIGNATURES = [f"void({t}[::1], {t}[::1], {t}[::1], {t}, {t}, b1)" for t in ("f4", "f8")]
+# Columns of a plan's layout: per layer, the gradient's address, the sample's start and
+# step, and the address of the optimizer's second moment (for w).
+_ADDRESS, _START, _STEP, _V_ADDRESS = 0, 1, 2, 3
+
+
+@intrinsic
+def _pointer(typingctx, address, like):  # type: ignore[no-untyped-def]
+    # The integer address as a pointer to like's element type (numba has no such cast).
+    target = nb_types.CPointer(like.dtype)  # type: ignore[no-untyped-call]
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.inttoptr(args[0], context.get_value_type(target))
+
+    return target(address, like), codegen
+
+
+@numba.njit(**_SUM_FLAGS)
+def _gather_layers(layout, column, bounds, dst):  # type: ignore[no-untyped-def]
+    # Each layer's sample, read from the tensor at layout[layer, column], into its range of
+    # dst; the float64 sum is finite exactly when every gathered value is.
+    total = 0.0
+    for layer in range(bounds.shape[0]):
+        lo, hi = bounds[layer, 0], bounds[layer, 1]
+        if hi == lo:
+            continue
+        start, step = layout[layer, _START], layout[layer, _STEP]
+        address = layout[layer, column]
+        span = start + (hi - lo - 1) * step + 1
+        src = numba.carray(_pointer(address, dst), (span,))  # type: ignore[attr-defined,call-arg]
+        part = dst[lo:hi]
+        for i in range(hi - lo):
+            v = src[start + i * step]
+            part[i] = v
+            total += v
+    return total
 
 
 @numba.njit(_GATHER_SIGNATURES, **_SUM_FLAGS)
-def _gather(src, start, step, count, dst, offset):  # type: ignore[no-untyped-def]
-    # The sum (in float64) is finite exactly when every gathered value is.
-    total = 0.0
-    for i in range(count):
-        v = src[start + i * step]
-        dst[offset + i] = v
-        total += v
-    return total
+def _gather(layout, column, bounds, dst):  # type: ignore[no-untyped-def]
+    return _gather_layers(layout, column, bounds, dst)
 
 
 @numba.njit(_MOMENT_SIGNATURES, **_EXACT_FLAGS)
@@ -218,15 +279,15 @@ def _moments(g, m, s, ws, wm, own_m):  # type: ignore[no-untyped-def]
             m[i] = _lerp(m[i], g[i], wm)
 
 
-def _check_sizes(
-    vectors: tuple[torch.Tensor, ...], bounds: Any, median_max: int, buf_size: int
-) -> None:
-    """The kernels index without bounds checks: refuse what would take them out of bounds."""
-    n = vectors[0].numel()
-    if any(t.numel() != n for t in vectors) or (bounds.shape[0] and int(bounds[-1, 1]) > n):
-        raise ValueError(f"vectors or layer bounds do not fit {n} coordinates")
-    if buf_size < min(median_max, n):
-        raise ValueError(f"median buffer of {buf_size} < min(median_max={median_max}, {n})")
+@numba.njit(**_EXACT_FLAGS)
+def _step_scale(w, bounds, constants):  # type: ignore[no-untyped-def]
+    # w holds the sampled v (Adam's exp_avg_sq); in place, lr / (√(v / (1 − β₂ᵗ)) + ε) per
+    # layer, rounded as the torch path's ops round it.
+    for layer in range(bounds.shape[0]):
+        lo, hi = bounds[layer, 0], bounds[layer, 1]
+        lr, correction, eps = constants[layer, 0], constants[layer, 1], constants[layer, 2]
+        for i in range(lo, hi):
+            w[i] = lr / (np.sqrt(w[i] / correction) + eps)
 
 
 def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -239,6 +300,43 @@ def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
     )
 
 
+def _layout(
+    samples: list[slice | None], bounds: list[tuple[int, int]]
+) -> tuple[np.ndarray[Any, Any], list[int]]:
+    """The (layers × 4) layout array with each sample's start and step filled in, and the
+    fewest elements each source tensor must hold."""
+    layout = np.zeros((len(bounds), 4), dtype=np.int64)
+    need = []
+    for row, sample, (lo, hi) in zip(layout, samples, bounds, strict=True):
+        start, step = (0, 1) if sample is None else (sample.start or 0, sample.step or 1)
+        row[_START], row[_STEP] = start, step
+        need.append(start + (hi - lo - 1) * step + 1 if hi > lo else 0)
+    return layout, need
+
+
+def _addresses(
+    tensors: Sequence[torch.Tensor | None],
+    dtype: torch.dtype,
+    need: list[int],
+    layout: np.ndarray[Any, Any],
+    column: int,
+) -> bool:
+    """Write each tensor's address into ``layout[:, column]``; False, with the column left
+    as it was, unless every tensor is a dense contiguous CPU tensor of ``dtype``. A
+    ValueError for a tensor too short for its sample (the kernels do not check bounds)."""
+    if len(tensors) != len(need):
+        raise ValueError(f"{len(tensors)} tensors for {len(need)} layers")
+    for t, n in zip(tensors, need, strict=True):
+        if t is None or not _fits(t, dtype):
+            return False
+        if t.numel() < n:
+            raise ValueError(f"a tensor of {t.numel()} elements for a sample reaching {n}")
+    for row, t in enumerate(tensors):
+        assert t is not None
+        layout[row, column] = t.data_ptr()
+    return True
+
+
 def gather(
     tensors: list[torch.Tensor | None],
     samples: list[slice | None],
@@ -249,15 +347,15 @@ def gather(
     it) into its range of ``out`` and return their sum (float64: finite exactly when every
     value is); None, with ``out`` untouched, unless every tensor is a dense contiguous CPU
     tensor of out's dtype. After backward, before the optimizer step."""
-    if not _fits(out, out.dtype) or any(t is None or not _fits(t, out.dtype) for t in tensors):
+    if not _fits(out, out.dtype) or out.dim() != 1:
         return None
-    dst = out.numpy()
-    total = 0.0
-    for t, sample, (lo, hi) in zip(tensors, samples, bounds, strict=True):
-        assert t is not None
-        start, step = (0, 1) if sample is None else (sample.start, sample.step)
-        total += _gather(t.detach().numpy().reshape(-1), start, step, hi - lo, dst, lo)
-    return total
+    if bounds and bounds[-1][1] > out.numel():
+        raise ValueError(f"layer bounds do not fit {out.numel()} coordinates")
+    layout, need = _layout(samples, bounds)
+    if not _addresses(tensors, out.dtype, need, layout, _ADDRESS):
+        return None
+    spans = np.array(bounds, dtype=np.int64).reshape(-1, 2)
+    return float(_gather(layout, _ADDRESS, spans, out.numpy()))
 
 
 def update_moments(
@@ -280,15 +378,26 @@ def update_moments(
 
 
 # The statistics of an emitted step: every per-layer sum in one pass per layer (for the
-# streaming estimator the same pass updates both moments and forms m̂ and ŝ: inside a
-# training step each separate pass and call found its data evicted and its code cold,
-# bench/results/agent_cold_calls.md), the medians, and the fields.
+# streaming estimator the same pass updates both moments and forms m̂ and ŝ, and the
+# monitor's gather, w and histograms join it: inside a training step each separate pass and
+# call found its data evicted and its code cold, bench/results/agent_cold_calls.md), the
+# medians, and the fields.
 @numba.njit(_SIGNATURES, **_SUM_FLAGS)
 def _statistics(  # type: ignore[no-untyped-def]
     g, m, s, w, m2p, closed_run, bounds, params, evals, median_max, stream, own_m, num, den,
-    counts, sums, ext, buf, out,
+    counts, sums, ext, buf, out, layout, gather_g, constants, refresh_w, hist, with_hist,
 ):  # fmt: skip
-    _all_layers(g, m, s, w, m2p, closed_run, bounds, params, evals, stream, own_m, sums)
+    total = 0.0
+    if gather_g:
+        total = _gather_layers(layout, _ADDRESS, bounds, g)
+        if not np.isfinite(total):
+            return total  # nothing else changes: the caller masks the step
+    if refresh_w:
+        _gather_layers(layout, _V_ADDRESS, bounds, w)
+        _step_scale(w, bounds, constants)
+    _all_layers(
+        g, m, s, w, m2p, closed_run, bounds, params, evals, stream, own_m, sums, with_hist, hist
+    )
     nl = bounds.shape[0]
     # ext = [sums; coordinates; ones; GSNR medians] (ŝ = s·c_s on the streaming pass)
     _medians(g, s, params[11] if stream else params[6], bounds, params, median_max, buf, ext[12])
@@ -311,47 +420,117 @@ def _statistics(  # type: ignore[no-untyped-def]
                 out[field if field < nf else nf + nf * nl + field - nf] = value
             elif field < nf:
                 out[nf + field * nl + col] = value
+    return total
 
 
-def accepts(vectors: tuple[torch.Tensor, ...], closed_run: torch.Tensor) -> bool:
-    """Whether the statistics kernel takes these: contiguous 1-D CPU vectors of one float
-    dtype (float32 or float64) and a contiguous uint8 closed_run."""
-    return (
-        all(_fits(t, vectors[0].dtype) and t.dim() == 1 for t in vectors)
-        and closed_run.device.type == "cpu"
-        and closed_run.dtype == torch.uint8
-        and closed_run.is_contiguous()
-    )
+class Plan:
+    """The statistics kernel's fixed inputs for one layout of layers (bounds, samples,
+    gate constants, coefficients, scratch), made once, and the entry that runs it.
 
+    The vectors it is given are kept with their numpy views and checked when they change
+    (the monitor passes the same buffers every step): inside a training step that glue,
+    made anew on every call, cost about as much as the kernel (bench/results/
+    agent_breakdown_cpu_kernels.md)."""
 
-def statistics(
-    vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    closed_run: torch.Tensor,
-    bounds: np.ndarray[Any, Any],
-    params: np.ndarray[Any, Any],
-    reservoir_evals: int,
-    median_max: int,
-    stream: bool,
-    own_m: bool,
-    coefficients: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
-    counts: np.ndarray[Any, Any],
-    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    out: torch.Tensor,
-) -> None:
-    """The fields of an emitted step into ``out`` (float64: the overall fields, the
-    per-layer fields field-major, then [T, Q]), as signal_stats.layer_statistics gives
-    them, to float rounding; ``closed_run`` updated in place. ``vectors`` = (g, m, s, w,
-    m²_pop): with ``stream`` false, m holds m² and s holds ŝ; with ``stream`` true, m is
-    the first moment before this step and s the raw second moment, both updated here with
-    the weights in ``params`` (m only with ``own_m``), and m²_pop is not read. ``scratch``
-    = (sums, ext, median buffer). Only for tensors that ``accepts`` takes; a ValueError for
-    sizes that would take the kernel out of bounds. After backward, before the optimizer
-    step."""
-    sums, ext, buf = scratch
-    _check_sizes((*vectors, closed_run), bounds, median_max, buf.shape[0])
-    g, m, s, w, m2p = (t.numpy() for t in vectors)
-    _statistics(
-        g, m, s, w, m2p, closed_run.numpy(), bounds, params, reservoir_evals, median_max,
-        stream, own_m, coefficients[0], coefficients[1], counts, sums.numpy(), ext.numpy(),
-        buf.numpy(), out.numpy(),
-    )  # fmt: skip
+    def __init__(
+        self,
+        n: int,
+        bounds: list[tuple[int, int]],
+        samples: list[slice | None] | None,
+        params: np.ndarray[Any, Any],
+        reservoir_evals: int,
+        median_max: int,
+        coefficients: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
+        bins: int,
+    ) -> None:
+        dtype = torch.float32 if params.dtype == np.float32 else torch.float64
+        ends = [0, *(x for pair in bounds for x in pair), n]
+        if any(b < a for a, b in itertools.pairwise(ends)):
+            raise ValueError(f"layer bounds {bounds} are not ordered ranges within {n}")
+        nl = len(bounds)
+        self.n, self.dtype, self.params = n, dtype, params.copy()
+        self.bounds = np.array(bounds, dtype=np.int64).reshape(-1, 2)
+        self.layout, self._need = _layout(samples or [None] * nl, bounds)
+        self.evals, self.median_max = reservoir_evals, median_max
+        self.num, self.den = coefficients
+        sizes = [hi - lo for lo, hi in bounds]
+        self.counts = np.array([*sizes, sum(sizes)], dtype=np.float64)
+        rows = self.num.shape[1] - 3
+        self.sums = np.zeros((rows, nl + 1))
+        self.ext = np.zeros((rows + 3, nl + 1))
+        self.buf = np.zeros(max(min(median_max, n), 1), dtype=params.dtype)
+        self.constants = np.ones((nl, 3), dtype=params.dtype)
+        self.hist = np.zeros((nl, bins))  # counts of the last run with ``hist``
+        nf = self.num.shape[0] - 2
+        self.out = np.zeros(nf * (nl + 1) + 2)  # the fields of the last run
+        self._views: list[tuple[torch.Tensor | None, Any]] = [(None, None)] * 6
+
+    def _view(self, slot: int, t: torch.Tensor) -> Any:
+        """t's numpy view, kept with t; None where the kernel cannot take t."""
+        kept, view = self._views[slot]
+        if kept is t:
+            return view
+        dtype = torch.uint8 if slot == 5 else self.dtype
+        ok = (
+            t.device.type == "cpu"
+            and t.layout == torch.strided
+            and t.dtype == dtype
+            and t.is_contiguous()
+            and t.dim() == 1
+        )
+        if not ok:
+            return None
+        if t.numel() != self.n:
+            raise ValueError(f"a vector of {t.numel()} coordinates for a plan of {self.n}")
+        view = t.numpy()
+        self._views[slot] = (t, view)
+        return view
+
+    def run(
+        self,
+        vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        closed_run: torch.Tensor,
+        stream: tuple[float, float, float, float, float] | None = None,
+        own_m: bool = False,
+        sources: Sequence[torch.Tensor | None] | None = None,
+        step_scale: tuple[Sequence[torch.Tensor], list[tuple[float, float, float]]] | None = None,
+        hist: bool = False,
+    ) -> float | None:
+        """The fields of an emitted step into ``out`` (float64: the overall fields, the
+        per-layer fields field-major, then [T, Q]), as signal_stats.layer_statistics gives
+        them, to float rounding; ``closed_run`` updated in place. ``vectors`` = (g, m, s,
+        w, m²_pop): with ``stream`` = (w_s, w_m, 1 − β, c_m, c_s) false, m holds m² and s
+        holds ŝ; with it, m is the first moment before this step and s the raw second
+        moment, both updated here (m only with ``own_m``), m̂ = c_m·lerp(m, g, 1 − β) and
+        ŝ = c_s·s are formed from them, and m²_pop is not read.
+
+        ``sources``: the gradients, one per layer, whose samples are gathered into g first;
+        ``step_scale`` = (Adam's exp_avg_sq per layer, (lr, 1 − β₂ᵗ, ε) per layer): w is
+        measured into w first; ``hist``: log10(ḡ²/ŝ) histograms into ``hist``.
+
+        Returns the gathered gradient's sum (0 without ``sources``): a non-finite sum
+        means only g was written. None, with nothing changed, where the kernel does not take
+        these tensors (another device, dtype or layout); a ValueError for sizes that would
+        take it out of bounds. After backward, before the optimizer step."""
+        views = [self._view(i, t) for i, t in enumerate((*vectors, closed_run))]
+        if any(v is None for v in views):
+            return None
+        if sources is not None and not _addresses(
+            sources, self.dtype, self._need, self.layout, _ADDRESS
+        ):
+            return None
+        if step_scale is not None:
+            if not _addresses(step_scale[0], self.dtype, self._need, self.layout, _V_ADDRESS):
+                return None
+            self.constants[:] = step_scale[1]
+        if stream is not None:
+            self.params[7:12] = stream
+        g, m, s, w, m2p, closed = views
+        return float(
+            _statistics(
+                g, m, s, w, m2p, closed, self.bounds, self.params, self.evals,
+                self.median_max, stream is not None, own_m, self.num, self.den, self.counts,
+                self.sums, self.ext, self.buf, self.out, self.layout, sources is not None,
+                self.constants, step_scale is not None, self.hist, hist,
+            )
+        )  # fmt: skip

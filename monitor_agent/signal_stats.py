@@ -35,6 +35,7 @@ LAYER_FIELDS = (
     "persistent_reservoir",
 )
 HIST_EDGES = [x / 2 for x in range(-16, 9)]  # log10 SNR from -8 to 4, 24 bins
+_HIST_CLAMP = 1e-6  # values clamp to just under the top edge, into the last bin
 _TINY = 1e-30
 # The most a Workspace keeps between steps (the monitor also caps it at one
 # parameter-sized buffer).
@@ -60,6 +61,7 @@ class Workspace:
         self.n, self.dtype, self.device = n, dtype, device
         self.limit = limit if device.type == "cpu" else 0
         self._kept: dict[str, torch.Tensor] = {}
+        self._objects: dict[Any, Any] = {}
 
     def get(
         self, name: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None
@@ -76,6 +78,14 @@ class Workspace:
         if self.nbytes() + t.numel() * t.element_size() <= self.limit:
             self._kept[name] = t
         return t
+
+    def keep(self, key: Any, make: Any) -> Any:
+        """The object ``make()`` returned for ``key``, made once and kept with the workspace
+        (the fused kernels' plan: its scratch is small, and remaking it per call cost as
+        much as the kernel)."""
+        if key not in self._objects:
+            self._objects = {key: make()}  # one layout at a time
+        return self._objects[key]
 
     def nbytes(self) -> int:
         """Bytes the workspace keeps between steps."""
@@ -167,6 +177,27 @@ def layer_statistics(
     return out[:nf, :-1], out[:nf, -1], out[nf:, -1]
 
 
+def fused_plan(
+    n: int,
+    bounds: list[tuple[int, int]],
+    batch_size: int,
+    gate: GateSettings,
+    dtype: torch.dtype,
+    samples: list[slice | None] | None = None,
+) -> Any:
+    """The fused CPU kernels' plan (cpu_statistics.Plan) for n coordinates in these layers,
+    the gate's constants and ``dtype``, with the gradient's samples for its gather; None
+    where the kernels are not loaded or ``dtype`` is not theirs."""
+    kernels = cpu_kernels.loaded()
+    if kernels is None or dtype not in kernels.DTYPES:
+        return None
+    num, den = _coefficients(gate.alpha_n, torch.float64, torch.device("cpu"))
+    return kernels.Plan(
+        n, bounds, samples, _kernel_params(gate, batch_size, dtype), gate.reservoir_evals,
+        MEDIAN_MAX, (num.numpy(), den.numpy()), len(HIST_EDGES) - 1,
+    )  # fmt: skip
+
+
 def fused_fields(
     vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     closed_run: torch.Tensor,
@@ -174,36 +205,18 @@ def fused_fields(
     batch_size: int,
     gate: GateSettings,
     scratch: Workspace,
-    stream: tuple[float, float, float, float, float] | None = None,
-    own_m: bool = False,
 ) -> torch.Tensor | None:
     """The statistics of an emitted step by the fused CPU kernels, as one float64 vector
     [overall fields, per-layer fields (field-major), T, Q], or None where the kernels are
-    not loaded or do not take these tensors. ``vectors`` = (g, m², ŝ, w, m²_pop); with
-    ``stream`` = (w_s, w_m, 1 − β, c_m, c_s) they are (g, m_{t−1}, s, w, unused) instead
-    and the kernel also updates the streaming moments (m_{t−1} only with ``own_m``) and
-    forms m̂ = c_m·lerp(m_{t−1}, g, 1 − β) and ŝ = c_s·s from them in the same pass. The
-    vector is the workspace's: valid until the next call. After backward, before the
-    optimizer step."""
-    kernels = cpu_kernels.loaded()
-    if kernels is None or not kernels.accepts(vectors, closed_run):
+    not loaded or do not take these tensors. ``vectors`` = (g, m², ŝ, w, m²_pop). The
+    vector is the plan's, kept with ``scratch``: valid until the next call. After
+    backward, before the optimizer step."""
+    g = vectors[0]
+    key = (tuple(bounds), g.numel(), batch_size, gate, g.dtype)
+    plan = scratch.keep(key, lambda: fused_plan(g.numel(), bounds, batch_size, gate, g.dtype))
+    if plan is None or plan.run(vectors, closed_run) is None:
         return None
-    dtype, cpu, nl = vectors[0].dtype, torch.device("cpu"), len(bounds)
-    params = _kernel_params(gate, batch_size, dtype)
-    if stream is not None:
-        params = params.copy()
-        params[7:] = stream
-    num, den = _coefficients(gate.alpha_n, torch.float64, cpu)
-    f64 = torch.float64
-    out = scratch.get("fields", (len(LAYER_FIELDS) * (nl + 1) + 2,), f64)
-    kernels.statistics(
-        vectors, closed_run, _bounds_array(bounds), params, gate.reservoir_evals, MEDIAN_MAX,
-        stream is not None, own_m, (num.numpy(), den.numpy()),
-        _layer_counts(bounds, f64, cpu)[0].numpy(),
-        (scratch.get("sums", (_ROWS, nl + 1), f64), scratch.get("ext", (_ROWS + 3, nl + 1), f64),
-         scratch.get("median", (min(vectors[0].numel(), MEDIAN_MAX),))),
-        out,
-    )  # fmt: skip
+    out: torch.Tensor = torch.from_numpy(plan.out)
     return out
 
 
@@ -258,24 +271,19 @@ def _torch_sums(
     return sums, gsnr
 
 
-_BOUNDS: dict[tuple[tuple[int, int], ...], Any] = {}
 _PARAMS: dict[tuple[float, float, float, int, torch.dtype], Any] = {}
 
 
-def _bounds_array(bounds: list[tuple[int, int]]) -> Any:
-    key = tuple(bounds)
-    if key not in _BOUNDS:
-        _BOUNDS[key] = torch.tensor(bounds, dtype=torch.int64).reshape(-1, 2).numpy()
-    return _BOUNDS[key]
-
-
 def _kernel_params(gate: GateSettings, batch_size: int, dtype: torch.dtype) -> Any:
-    """[α, λ, α_n, ε, b, 0, 1] in the inputs' dtype, as the kernels round them, and five
-    entries that only the streaming pass reads (fused_fields sets them)."""
+    """[α, λ, α_n, ε, b, 0, 1] in the inputs' dtype, as the kernels round them, five
+    entries that only the streaming pass reads (its plan's run sets them), and the log-SNR
+    histograms' range: [lowest edge, the clamp's top, width]."""
     key = (gate.alpha, gate.soft_lambda, gate.alpha_n, batch_size, dtype)
     if key not in _PARAMS:
         values = [gate.alpha, gate.soft_lambda, gate.alpha_n, _TINY, float(batch_size), 0, 1]
         values += [0, 0, 0, 1, 1]
+        lo, hi = HIST_EDGES[0], HIST_EDGES[-1]
+        values += [lo, hi - _HIST_CLAMP, hi - lo]
         _PARAMS[key] = torch.tensor(values, dtype=dtype).numpy()
     return _PARAMS[key]
 
@@ -334,7 +342,7 @@ def log_snr_histograms(
     bins), as one (layers × bins) tensor."""
     lo_edge, hi_edge = HIST_EDGES[0], HIST_EDGES[-1]
     bins = len(HIST_EDGES) - 1
-    x = torch.log10((g * g + _TINY) / (s + _TINY)).clamp(lo_edge, hi_edge - 1e-6)
+    x = torch.log10((g * g + _TINY) / (s + _TINY)).clamp(lo_edge, hi_edge - _HIST_CLAMP)
     return torch.stack(
         [torch.histc(x[lo:hi], bins=bins, min=lo_edge, max=hi_edge) for lo, hi in bounds]
     )

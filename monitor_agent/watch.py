@@ -262,6 +262,7 @@ class Monitor:
         self._w: torch.Tensor | None = None
         self._w_kind = False
         self._adam_cache: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+        self._plan: Any = None  # the fused kernels' plan (cpu_statistics.Plan), once loaded
         self._exact: ExactNoise | None = None
 
         self.per_example: PerExampleCapture | None = None
@@ -470,14 +471,22 @@ class Monitor:
         if adam is None:
             lr = float(self.optimizer.param_groups[0].get("lr", 1.0))
             return torch.full((self.n_coords,), lr, dtype=self.dtype, device=self.s.device)
-        states, groups = adam
         pieces = []
-        for state, group, idx in zip(states, groups, self.idx, strict=True):
+        for state, (lr, correction, eps), idx in zip(
+            adam[0], self._adam_constants(adam), self.idx, strict=True
+        ):
+            v = sampled_flat(state["exp_avg_sq"], idx, self.dtype) / correction
+            pieces.append(lr / (v.sqrt() + eps))
+        return torch.cat(pieces)
+
+    def _adam_constants(self, adam: Any) -> list[tuple[float, float, float]]:
+        """(lr, 1 − β₂ᵗ, ε) per watched parameter: w = lr / (√(v / (1 − β₂ᵗ)) + ε)."""
+        out = []
+        for state, group in zip(*adam, strict=True):
             step = float(state["step"]) if "step" in state else 1.0
             beta2 = float(group["betas"][1])
-            v = sampled_flat(state["exp_avg_sq"], idx, self.dtype) / (1 - beta2 ** max(step, 1.0))
-            pieces.append(float(group["lr"]) / (v.sqrt() + float(group["eps"])))
-        return torch.cat(pieces)
+            out.append((float(group["lr"]), 1 - beta2 ** max(step, 1.0), float(group["eps"])))
+        return out
 
     def _unscale_squares(self) -> torch.Tensor | float:
         """1/scale²: hooks saw gradients of the scaled loss, p.grad is unscaled by now."""
@@ -559,9 +568,18 @@ class Monitor:
         # tensors fault (bench/results/single_model.md, equal cadence on the 1024-wide MLP:
         # 2,111 faults a step with them made anew, 1,736 kept).
         work = self.workspace
-        g, total = self._flat([p.grad for p in self.params], "g")
         adam = self._adam_state()
         m_prev, beta, seen = self._first_moment(adam)
+        total = None
+        if emit:
+            g = work.get("g")
+            total = self._emit_in_one_pass(step, g, m_prev, beta, seen, adam, update)
+            if total is not None and math.isfinite(total):
+                self.n_updates += int(update)
+                self._reset_captures(step)
+                return
+        if total is None:  # else the kernel gathered g, and found a non-finite value
+            g, total = self._flat([p.grad for p in self.params], "g")
         # One reduction: a NaN or Inf anywhere makes the sum non-finite.
         ok: torch.Tensor | float
         if g.device.type == "cpu":
@@ -574,10 +592,6 @@ class Monitor:
         if not finite:
             self.nonfinite.add_(1 - ok)
             g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # g is our own copy
-        if emit and finite and self._emit_in_one_pass(step, g, m_prev, beta, seen, adam, update):
-            self.n_updates += int(update)
-            self._reset_captures(step)
-            return
         if emit:
             # m̂ including this step, bias-corrected, for the gate and the population gate;
             # taken before the update, which may overwrite m_prev (the agent's own EMA).
@@ -737,28 +751,40 @@ class Monitor:
     def _emit_in_one_pass(
         self, step: int, g: torch.Tensor, m_prev: torch.Tensor, beta: float, seen: float,
         adam: Any, update: bool,
-    ) -> bool:  # fmt: skip
-        """An emitted step of the streaming estimator in one fused CPU kernel: the update
-        (when ``update``) and every statistic, then publish. False, with nothing done, where
-        the kernels do not serve it: not loaded, another estimator, histograms or a probe
-        due (they need ŝ and the model), a snapshot kept, or w not yet measured."""
-        w = self._w
+    ) -> float | None:  # fmt: skip
+        """An emitted step of the streaming estimator in one fused CPU kernel: the gather,
+        the update (when ``update``), w and the histograms when due, and every statistic,
+        then publish. Returns the gathered gradient's sum: finite when the step is done;
+        non-finite when only the gradient was gathered (into ``g``), for the caller to
+        mask. None, with nothing done, where the kernels do not serve it: not
+        loaded, another estimator, the probe due (it needs the model), a snapshot kept, w
+        not yet measured, or tensors the kernel does not take."""
         if (
             not self.cpu_kernels
-            or w is None
+            or self._w is None
             or self.keep_snapshot
             or self.per_example is not None
             or self.microbatch is not None
             or self.ranks is not None
             or self._w_stale(adam)
-            or self._is_due("hist", step, self.hist_every)
             or (
                 self.tracker is not None
                 and self._probe is not None
                 and self._is_due("probe", step, self.tracker.settings.probe_every)
             )
         ):
-            return False
+            return None
+        plan = self._fused_plan()
+        if plan is None:
+            return None
+        with_hist = self._is_due("hist", step, self.hist_every)
+        step_scale = None
+        if with_hist:
+            # w is refreshed with the histograms, as on the torch path: Adam's in the kernel.
+            if adam is None:
+                self._w = self._step_scale(None)
+            else:
+                step_scale = ([st["exp_avg_sq"] for st in adam[0]], self._adam_constants(adam))
         n_after = self.n_updates + int(update)
         weights = (
             (1 - self.rho) if update else 0.0,  # w_s
@@ -767,25 +793,37 @@ class Monitor:
             1 / (1 - beta ** (seen + 1)),  # m̂'s bias correction
             self._noise_scale(beta, n_after),  # ŝ/s
         )
-        out = st.fused_fields(
-            (g, m_prev, self.s, w, m_prev), self.closed_run, self.bounds,
-            self.batch_size, self.gate, self.workspace, stream=weights,
-            own_m=update and self._owns_m(adam),
+        total: float | None = plan.run(
+            (g, m_prev, self.s, self._w, m_prev), self.closed_run,
+            stream=weights, own_m=update and self._owns_m(adam),
+            sources=[p.grad for p in self.params], step_scale=step_scale, hist=with_hist,
         )  # fmt: skip
-        if out is None:
-            return False
+        if total is None or not math.isfinite(total):
+            return total
+        if with_hist:
+            self._due("hist", step, self.hist_every)
         self._exact, self._last_estimator = None, STREAMING
         nf, nl = len(st.LAYER_FIELDS), len(self.bounds)
-        flat = out.tolist()
+        flat = plan.out.tolist()
         host = {
             "overall": flat[:nf],
             "per_layer": flat[nf : nf + nf * nl],
             "nonfinite": [float(self.nonfinite)],
             "tq": flat[nf + nf * nl :],
         }
+        if with_hist:
+            host["hist"] = plan.hist.ravel().tolist()
         warm = n_after * self.stride >= 1 / (1 - self.rho)
         self._publish(step, host, STREAMING, warm)
-        return True
+        return total
+
+    def _fused_plan(self) -> Any:
+        """The fused kernels' plan for this monitor's layout, made once they have loaded."""
+        if self._plan is None and self._kernels() is not None:
+            self._plan = st.fused_plan(
+                self.n_coords, self.bounds, self.batch_size, self.gate, self.dtype, self.idx
+            )
+        return self._plan
 
     def _due(self, schedule: str, step: int, every: int) -> int | None:
         """Steps since ``schedule`` last ran if it is due at this emitted step, else None.

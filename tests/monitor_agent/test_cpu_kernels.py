@@ -4,6 +4,7 @@ ops it replaces, and their loader; the statistics' twin tests are in test_signal
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 import subprocess
@@ -124,93 +125,174 @@ def test_without_numba_the_loader_warns_and_watch_keeps_the_torch_path() -> None
     assert out.stdout.strip() == "ModuleNotFoundError"
 
 
+def _layers(
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    shapes: list[tuple[int, ...]],
+    samples: list[slice | None],
+) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """Random tensors of these shapes and the bounds of their samples in one flat vector."""
+    tensors = [torch.randn(shape, generator=gen, dtype=dtype) for shape in shapes]
+    sizes = [
+        len(range(t.numel())[sl]) if sl else t.numel()
+        for t, sl in zip(tensors, samples, strict=True)
+    ]
+    return tensors, list(itertools.pairwise([0, *itertools.accumulate(sizes)]))
+
+
+def _plan(n: int, bounds: list[tuple[int, int]], samples: list[slice | None], b: int,
+          gate: object, dtype: torch.dtype) -> object:  # fmt: skip
+    from monitor_agent import signal_stats as st
+
+    plan = st.fused_plan(n, bounds, b, gate, dtype, samples)  # type: ignore[arg-type]
+    assert plan is not None
+    return plan
+
+
+SHAPES = [(100, 30), (1,), (7, 100), (1500,)]
+SAMPLES = [slice(5, 3000, 1), None, slice(3, 700, 3), slice(0, 1500, 1)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("own_m", "update"), [(True, True), (False, True), (False, False)])
 def test_the_streaming_pass_matches_the_update_then_the_statistics_in_torch(
     kernels: object, dtype: torch.dtype, own_m: bool, update: bool
 ) -> None:
-    """signal_stats.fused_fields with the streaming weights (the monitor's one-pass
-    emitted step) against its torch twin: the moments' update (none when ``update`` is
-    false), m̂ and ŝ, then signal_stats.layer_statistics on the torch path; over a few
-    steps in a row."""
+    """The monitor's one-pass emitted step (a plan run with the streaming weights, gathering
+    the gradients' samples; on one step also measuring w from Adam's exp_avg_sq and
+    counting the histograms) against its torch twin: the gather, the moments' update (none
+    when ``update`` is false), m̂ and ŝ, w, then signal_stats.layer_statistics and
+    log_snr_histograms on the torch path; over a few steps in a row."""
     from monitor_agent import signal_stats as st
 
     gen = torch.Generator().manual_seed(random.randrange(10**9))
-    sizes = [3000, 1, 700, 1500]
-    bounds = list(itertools.pairwise([0, *itertools.accumulate(sizes)]))
-    n = sum(sizes)
+    sources, bounds = _layers(gen, dtype, SHAPES, SAMPLES)
+    n = bounds[-1][1]
     gate = st.GateSettings(alpha=1.0, soft_lambda=1.0, alpha_n=0.02, reservoir_evals=2)
     rho, beta, b = 0.99, 0.9, 64
+    plan = _plan(n, bounds, SAMPLES, b, gate, dtype)
     s = torch.rand(n, generator=gen, dtype=dtype) * 0.1
     m = torch.randn(n, generator=gen, dtype=dtype) * 0.1
     w = torch.rand(n, generator=gen, dtype=dtype)
-    s_twin, m_twin = s.clone(), m.clone()
+    g = torch.full((n,), 7.0, dtype=dtype)
+    s_twin, m_twin, w_twin = s.clone(), m.clone(), w.clone()
     closed, closed_twin = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
-    workspace = st.Workspace(n, dtype, torch.device("cpu"))
+    v = [torch.rand(t.shape, generator=gen, dtype=dtype) * 1e-3 for t in sources]
+    constants = [(1e-3 * (k + 1), 1 - 0.999 ** (k + 3), 1e-8) for k in range(len(v))]
     for step in range(1, 4):
-        g = torch.randn(n, generator=gen, dtype=dtype) * 0.3 + 0.05
+        for t in sources:
+            t.normal_(0.05, 0.3, generator=gen)
+        g_twin = torch.cat(
+            [sampled_flat(t, sl, dtype) for t, sl in zip(sources, SAMPLES, strict=True)]
+        )
         c_m = 1 / (1 - beta ** (step + 1))
         c_s = (1 + beta) / 2 / (1 - rho**step)
         # Rounding decides a gate only within ~1e-7 of its threshold: keep every coordinate
         # away from both thresholds, so both sides count the same coordinates.
         for _ in range(20):
-            m2 = ((m_twin + (1 - beta) * (g - m_twin)) * c_m).double() ** 2
-            s_next = s_twin.double() + (1 - rho) * update * ((g - m_twin).double() ** 2 - s_twin)
+            m2 = ((m_twin + (1 - beta) * (g_twin - m_twin)) * c_m).double() ** 2
+            s_next = s_twin.double() + (1 - rho) * update * (
+                (g_twin - m_twin).double() ** 2 - s_twin
+            )
             near = ((m2 / (s_next * c_s) - 1).abs() < 1e-4) | (
                 (m2 / (gate.alpha_n * s_next * c_s) - 1).abs() < 1e-4
             )
             if not bool(near.any()):
                 break
-            g[near] += 0.01
+            g_twin[near] += 0.01
+            for t, sl, (lo, hi) in zip(sources, SAMPLES, bounds, strict=True):
+                t.view(-1)[sl or slice(None)] = g_twin[lo:hi]
+        extras = step == 2
         weights = ((1 - rho) * update, 1 - beta, 1 - beta, c_m, c_s)
-        out = st.fused_fields(
-            (g, m, s, w, m), closed, bounds, b, gate, workspace, stream=weights,
-            own_m=own_m and update,
+        total = plan.run(  # type: ignore[attr-defined]
+            (g, m, s, w, m), closed, stream=weights, own_m=own_m and update, sources=sources,
+            step_scale=(v, constants) if extras else None, hist=extras,
         )  # fmt: skip
-        assert out is not None
-        m_hat = torch.lerp(m_twin, g, 1 - beta) * c_m
+        assert torch.equal(g, g_twin)
+        assert total == pytest.approx(float(g_twin.double().sum()), rel=1e-9, abs=1e-9)
+        if extras:
+            w_twin = torch.cat([
+                lr / ((sampled_flat(t, sl, dtype) / c).sqrt() + eps)
+                for t, sl, (lr, c, eps) in zip(v, SAMPLES, constants, strict=True)
+            ])  # fmt: skip
+            torch.testing.assert_close(
+                w, w_twin, rtol=1e-6 if dtype == torch.float32 else 1e-15, atol=0
+            )
+        m_hat = torch.lerp(m_twin, g_twin, 1 - beta) * c_m
         if update:
-            d = g - m_twin
+            d = g_twin - m_twin
             s_twin.lerp_(d * d, 1 - rho)
             if own_m:
-                m_twin.lerp_(g, 1 - beta)
+                m_twin.lerp_(g_twin, 1 - beta)
         per_layer, overall, rates = st.layer_statistics(
-            g, s_twin * c_s, m_hat * m_hat, w, m_hat * m_hat, closed_twin, bounds, b, gate,
-            fused=False,
+            g_twin, s_twin * c_s, m_hat * m_hat, w_twin, m_hat * m_hat, closed_twin, bounds, b,
+            gate, fused=False,
         )  # fmt: skip
         want = torch.cat([overall, per_layer.reshape(-1), rates]).double()
         assert torch.equal(closed, closed_twin)
         rtol = 1e-4 if dtype == torch.float32 else 1e-10
-        torch.testing.assert_close(out, want, rtol=rtol, atol=1e-9)
+        torch.testing.assert_close(torch.from_numpy(plan.out), want, rtol=rtol, atol=1e-9)  # type: ignore[attr-defined]
+        if extras:
+            hist_twin = st.log_snr_histograms(g_twin, s_twin * c_s, bounds).double()
+            hist = torch.from_numpy(plan.hist)  # type: ignore[attr-defined]
+            assert torch.equal(hist.sum(dim=1), hist_twin.sum(dim=1))
+            # log10 may round differently by an ulp: only values at a bin edge may move.
+            x = torch.log10((g_twin.double() ** 2 + 1e-30) / (s_twin.double() * c_s + 1e-30))
+            at_edge = int(((x * 2 - (x * 2).round()).abs() < 1e-5).sum())
+            assert float((hist - hist_twin).abs().sum()) <= 2 * at_edge
     atol = 1e-6 if dtype == torch.float32 else 1e-14
     torch.testing.assert_close(s, s_twin, rtol=1e-5, atol=atol)
     torch.testing.assert_close(m, m_twin, rtol=1e-5, atol=atol)
 
 
-def test_kernels_refuse_sizes_that_would_take_them_out_of_bounds(kernels: object) -> None:
-    """The kernels index without bounds checks: a short vector, bounds past the end or a
-    median buffer too small is a ValueError, not a write past the end."""
+def test_a_non_finite_gradient_is_gathered_and_nothing_else_changes(kernels: object) -> None:
     from monitor_agent import signal_stats as st
 
-    n = 64
+    gen = torch.Generator().manual_seed(random.randrange(10**9))
+    sources, bounds = _layers(gen, torch.float32, SHAPES, SAMPLES)
+    n = bounds[-1][1]
+    plan = _plan(n, bounds, SAMPLES, 16, st.GateSettings(), torch.float32)
+    g, m, s, w = torch.zeros(n), torch.rand(n), torch.rand(n), torch.rand(n)
+    closed = torch.full((n,), 3, dtype=torch.uint8)
+    before = [t.clone() for t in (m, s, w, closed)]
+    out_before = plan.out.copy()  # type: ignore[attr-defined]
+    sources[2].view(-1)[3 + 3 * 5] = float("nan")
+    total = plan.run(  # type: ignore[attr-defined]
+        (g, m, s, w, m), closed, stream=(0.01, 0.1, 0.1, 1.0, 1.0), own_m=True,
+        sources=sources, step_scale=([t.abs() for t in sources], [(1.0, 1.0, 1e-8)] * 4),
+        hist=True,
+    )  # fmt: skip
+    assert math.isnan(total)
+    assert torch.equal(g.isnan(), torch.arange(n) == bounds[2][0] + 5)
+    for t, was in zip((m, s, w, closed), before, strict=True):
+        assert torch.equal(t, was)
+    assert (plan.out == out_before).all()  # type: ignore[attr-defined]
+
+
+def test_plans_refuse_what_they_cannot_take(kernels: object) -> None:
+    """The kernels index without bounds checks: a short vector or source, or bounds past
+    the end, is a ValueError, not a read or write past the end; a tensor of another dtype,
+    layout or device is None, with nothing changed, for the torch path to serve."""
+    from monitor_agent import signal_stats as st
+
+    gen = torch.Generator().manual_seed(random.randrange(10**9))
+    sources, bounds = _layers(gen, torch.float32, SHAPES, SAMPLES)
+    n = bounds[-1][1]
+    gate = st.GateSettings()
+    with pytest.raises(ValueError, match="bounds"):
+        _plan(n - 1, bounds, SAMPLES, 16, gate, torch.float32)
+    plan = _plan(n, bounds, SAMPLES, 16, gate, torch.float32)
     v = torch.rand(n)
     closed = torch.zeros(n, dtype=torch.uint8)
-    gate = st.GateSettings()
-    params = st._kernel_params(gate, 8, torch.float32)
-    num, den = st._coefficients(gate.alpha_n, torch.float64, torch.device("cpu"))
-    f64 = torch.float64
-
-    def call(bounds: list[tuple[int, int]], buf: int, short: bool = False) -> None:
-        kernels.statistics(  # type: ignore[attr-defined]
-            (v, v[:-1] if short else v, v, v, v), closed, st._bounds_array(bounds), params, 2,
-            st.MEDIAN_MAX, False, False, (num.numpy(), den.numpy()),
-            torch.ones(2, dtype=f64).numpy(),
-            (torch.empty((10, 2), dtype=f64), torch.empty((13, 2), dtype=f64), torch.empty(buf)),
-            torch.empty(9 * 2 + 2, dtype=f64),
-        )  # fmt: skip
-
-    call([(0, n)], n)  # fits
-    for bounds, buf, short in (([(0, n + 1)], n + 1, False), ([(0, n)], n - 1, False),
-                               ([(0, n)], n, True)):  # fmt: skip
-        with pytest.raises(ValueError, match=r"fit|buffer"):
-            call(bounds, buf, short)
+    assert plan.run((v, v, v, v, v), closed) == 0.0  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="coordinates"):
+        plan.run((v, v[:-1], v, v, v), closed)  # type: ignore[attr-defined]
+    short = [*sources[:3], sources[3][:-1]]
+    with pytest.raises(ValueError, match="elements"):
+        plan.run((v, v, v, v, v), closed, sources=short)  # type: ignore[attr-defined]
+    kept = v.clone()
+    for bad in (v.double(), torch.rand(2 * n)[::2]):
+        assert plan.run((v, v, bad, v, v), closed) is None  # type: ignore[attr-defined]
+    for bad_source in (None, sources[0].t(), sources[0].half(), sources[0].to_sparse()):
+        assert plan.run((v, v, v, v, v), closed, sources=[bad_source, *sources[1:]]) is None  # type: ignore[attr-defined]
+    assert torch.equal(v, kept)
