@@ -18,7 +18,7 @@ _LOCK = threading.Lock()
 
 def load(wait: bool = False) -> bool:
     """Start loading the kernels (numba compiles them the first time in an environment,
-    several seconds of one core: 6.2 s in bench/results/statistics_compile.md; later it
+    several seconds of one core: 8.6 s in bench/results/statistics_compile.md; later it
     loads its cache) in a background thread; with ``wait``, block until done. True once
     they are ready; False while loading, when turned off, or without numba (the reason:
     state())."""
