@@ -214,7 +214,7 @@ class Monitor:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         device = self.params[0].device
-        # Opt-in (numba and LLVM add ~120–140 MiB resident): the per-step update and the
+        # Opt-in (numba and LLVM add ~100–140 MiB resident): the per-step update and the
         # emitted-step statistics as fused CPU kernels, loaded in the background; the torch
         # path serves until they are ready.
         self.cpu_kernels = cpu_kernels and device.type == "cpu"
