@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import monitor_agent as cs
-from monitor_agent import wire
+from monitor_agent import cpu_kernels, wire
 from monitor_agent.watch import Monitor
 
 
@@ -218,13 +218,21 @@ def test_streaming_estimator_on_a_stationary_problem(
     assert abs(last["signal/occupancy"] - truth) < 0.02
 
 
+@pytest.mark.parametrize(("fused", "emit_every"), [(False, 5), (True, 1)])
 def test_non_finite_gradient_is_reported_and_does_not_poison_state(
-    redis_url: str, redis_client: redis.Redis
+    redis_url: str, redis_client: redis.Redis, fused: bool, emit_every: int
 ) -> None:
+    """Also with the fused CPU kernels emitting every step: the one-call emitted step finds
+    the NaN in its gather and hands the step to the masking path."""
+    if fused:
+        assert cpu_kernels.load(wait=True), cpu_kernels.state()
     model = nn.Linear(5, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with cs.init("t", "nan", redis_url=redis_url) as run:
-        mon = run.watch(model, opt, batch_size=8, dataset_size=100, emit_every=5, budget=None)
+        mon = run.watch(
+            model, opt, batch_size=8, dataset_size=100, emit_every=emit_every, budget=None,
+            cpu_kernels=fused,
+        )  # fmt: skip
         for step in range(20):
             loss = model(torch.randn(8, 5)).pow(2).mean()
             if step == 7:
@@ -239,6 +247,7 @@ def test_non_finite_gradient_is_reported_and_does_not_poison_state(
                         p.copy_(old)
             assert torch.isfinite(mon.s).all()
             assert torch.isfinite(mon.m).all()
+        assert (mon._plan is not None) == fused
     events = [
         wire.decode("events", f) for _, f in redis_client.xrange(run.keys.stream(run.id, "events"))
     ]
