@@ -212,6 +212,8 @@ def fused_fields(
     vector is the plan's, kept with ``scratch``: valid until the next call. After
     backward, before the optimizer step."""
     g = vectors[0]
+    if cpu_kernels.loaded() is None:
+        return None  # not kept: the plan is made once they have loaded
     key = (tuple(bounds), g.numel(), batch_size, gate, g.dtype)
     plan = scratch.keep(key, lambda: fused_plan(g.numel(), bounds, batch_size, gate, g.dtype))
     if plan is None or plan.run(vectors, closed_run) is None:

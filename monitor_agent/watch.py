@@ -784,7 +784,7 @@ class Monitor:
             if adam is None:
                 self._w = self._step_scale(None)
             else:
-                step_scale = ([st["exp_avg_sq"] for st in adam[0]], self._adam_constants(adam))
+                step_scale = ([s["exp_avg_sq"] for s in adam[0]], self._adam_constants(adam))
         n_after = self.n_updates + int(update)
         weights = (
             (1 - self.rho) if update else 0.0,  # w_s
