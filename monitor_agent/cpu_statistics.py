@@ -7,10 +7,11 @@ moves, and ``signal_stats.layer_statistics`` is ~40 of them: ~0.4–0.6 ms a cal
 784-512-512-10 benchmark MLP (27k sampled coordinates), most of the agent's cost at equal
 cadence. Here one vectorized pass per layer computes all ten per-layer sums, one selection
 per layer its median, and a small product the fields, in 0.15–0.31× the time
-(bench/results/statistics_compile.md); the per-step update is one gather per tensor and one
-kernel for both moments. Inside a training step every separate pass and call starts cold
-(bench/results/agent_cold_calls.md), so for the streaming estimator the same pass also
-updates the moments and forms m̂ and ŝ.
+(bench/results/statistics_compile.md); the per-step update is one gather call for all
+tensors (read by address) and one kernel for both moments. Inside a training step every
+separate pass and call starts cold (bench/results/agent_cold_calls.md), so for the streaming
+estimator an emitted step is one call (``Plan.run``): the gather, the update of the moments,
+m̂ and ŝ, w and the histograms when due, and the statistics.
 
 Importing this module compiles the kernels for float32 and float64 (or loads them from
 numba's cache); ``cpu_kernels.load`` does that in a background thread so that no training
@@ -429,8 +430,8 @@ class Plan:
 
     The vectors it is given are kept with their numpy views and checked when they change
     (the monitor passes the same buffers every step): inside a training step that glue,
-    made anew on every call, cost about as much as the kernel (bench/results/
-    agent_breakdown_cpu_kernels.md)."""
+    made anew on every call, cost about as much as the kernel (an in-situ profile, in
+    docs/performance.md)."""
 
     def __init__(
         self,
