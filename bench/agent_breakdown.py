@@ -31,8 +31,10 @@ Results go to bench/results/agent_breakdown.md (or --out).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +63,24 @@ PARTS: dict[str, dict[str, Any] | None] = {
 }
 
 
+# Per configuration, the time of each call of the monitor's hook (its optimizer pre-hook's
+# work, publishing on the training thread included; not the sender thread's), seconds.
+HOOK_TIMES: dict[str, list[float]] = {}
+
+
 def _prepare(name: str, run: cs.Run) -> None:
-    """Set a watched run up as its configuration's row asks."""
+    """Set a watched run up as its configuration's row asks, and time its hook."""
     monitor = run._monitor
     assert monitor is not None
+    observe = monitor._observe
+    calls = HOOK_TIMES.setdefault(name, [])
+
+    def timed_observe() -> None:
+        t0 = time.perf_counter()
+        observe()
+        calls.append(time.perf_counter() - t0)
+
+    monitor._observe = timed_observe  # type: ignore[method-assign]
     if name == "the same, per-step tensors made anew":
         monitor.workspace = st.Workspace(monitor.n_coords, monitor.dtype, monitor.s.device, limit=0)
     if name in ("update + statistics", "update + emitted step, statistics free"):
@@ -121,6 +137,8 @@ def main() -> None:
                     w, args.rounds, args.steps, torch.device("cpu"), redis.url,
                     configs=parts, prepare=_prepare,
                 )  # fmt: skip
+                res["hook_us"] = {k: 1e6 * statistics.median(v) for k, v in HOOK_TIMES.items()}
+                HOOK_TIMES.clear()
                 results.append((w, res))
                 print(w.name, results[-1][1], flush=True)
     finally:
@@ -139,10 +157,13 @@ def main() -> None:
         ),
         "",
         "Ratios are medians over rounds of (step time) / (plain step time); a part's cost is "
-        "the difference between consecutive rows, in ms of the plain step.",
+        "the difference between consecutive rows, in ms of the plain step. 'hook' is the "
+        "median time of one call of the monitor's optimizer pre-hook on the training thread "
+        "(warm-up included; the sender thread's work is not in it), µs.",
         "",
-        "| workload | plain step (ms) | configuration | ratio | added (ms) | this part (ms) |",
-        "|---|---|---|---|---|---|",
+        "| workload | plain step (ms) | configuration | ratio | added (ms) | this part (ms) "
+        "| hook (µs) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for w, res in results:
         step_ms = res["step_ms"]
@@ -152,8 +173,11 @@ def main() -> None:
             part = "" if name.startswith("no monitoring") else f"{added - previous:+.2f}"
             if not name.startswith("no monitoring"):
                 previous = added
+            hook = res["hook_us"].get(name)
+            hook_us = "" if hook is None else f"{hook:.0f}"
             lines.append(
-                f"| {w.name} | {step_ms:.2f} | {name} | {ratio:.3f} | {added:+.2f} | {part} |"
+                f"| {w.name} | {step_ms:.2f} | {name} | {ratio:.3f} | {added:+.2f} | {part} "
+                f"| {hook_us} |"
             )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

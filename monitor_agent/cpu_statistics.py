@@ -429,9 +429,9 @@ class Plan:
     gate constants, coefficients, scratch), made once, and the entry that runs it.
 
     The vectors it is given are kept with their numpy views and checked when they change
-    (the monitor passes the same buffers every step): inside a training step that glue,
-    made anew on every call, cost about as much as the kernel (an in-situ profile, in
-    docs/performance.md)."""
+    (the monitor passes the same buffers every step): made anew on every call, with a
+    gather call per tensor, that glue kept the monitor's hook ~20 % longer
+    (bench/results/agent_breakdown_cpu_kernels.md's 'hook' column, docs/performance.md)."""
 
     def __init__(
         self,

@@ -81,8 +81,8 @@ class Workspace:
 
     def keep(self, key: Any, make: Any) -> Any:
         """The object ``make()`` returned for ``key``, made once and kept with the workspace
-        (the fused kernels' plan: its scratch is small, and remaking it per call cost as
-        much as the kernel)."""
+        (the fused kernels' plan: its scratch is small, and remaking it per call is the
+        glue that cpu_statistics.Plan exists to avoid)."""
         if key not in self._objects:
             self._objects = {key: make()}  # one layout at a time
         return self._objects[key]
