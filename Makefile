@@ -64,7 +64,7 @@ clean:
 bench-peers: .venv-peers/.installed
 	.venv-peers/bin/python bench/agent_overhead.py --peers
 
-# Equal cadence in a process that trains one model, beside BackPACK (~4 min each).
+# Equal cadence in a process that trains one model, beside BackPACK, with torch ops and the CPU kernels (~6.5 min each).
 bench-single-model: .venv-peers/.installed
 	.venv-peers/bin/python bench/single_model.py
 	.venv-peers/bin/python bench/single_model.py --steady-heap \

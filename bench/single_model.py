@@ -11,6 +11,9 @@ switches between conditions from one round to the next:
   returns at once); the streaming SNR computed and published every step; the same with
   every per-step tensor made anew (a workspace that keeps nothing), as before the agent
   kept them;
+* ours at equal cadence with the fused CPU kernels (another process,
+  ``watch(cpu_kernels=True)``, loaded before the warm-up): no monitoring; the streaming
+  SNR computed and published every step;
 * ours with the default settings (another process): no monitoring; ``run.watch`` with its
   defaults (3 % budget);
 * BackPACK (another process, the same workload): the extended model trained without and
@@ -56,11 +59,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import monitor_agent as cs
 from bench.peers import Unsupported, backpack_variance, plain_step
 from bench.workloads import WORKLOADS, Workload
+from monitor_agent import cpu_kernels
 from monitor_agent import signal_stats as st
 from server.embedded_redis import EmbeddedRedis
 
 OURS = ("no monitoring", "streaming every step", "the same, per-step tensors made anew")
 DEFAULT = ("no monitoring", "channelscope default")
+KERNELS = ("no monitoring", "streaming every step, CPU kernels")
 EQUAL_CADENCE = {"noise": "streaming", "emit_every": 1, "budget": None}
 # glibc serves blocks under 64 MiB from its heap and trims it only past 128 MiB free.
 STEADY_HEAP = {
@@ -78,15 +83,19 @@ def _faults() -> int:
 HOOK_FAULTS = [0]
 
 
-def _ours(w: Workload, redis_url: str, default: bool) -> dict[str, Callable[[], None]]:
-    """One model watched by one agent, and a step closure per condition of DEFAULT (the
-    default settings) or OURS (equal cadence)."""
+def _ours(w: Workload, redis_url: str, side: str) -> dict[str, Callable[[], None]]:
+    """One model watched by one agent, and a step closure per condition of DEFAULT (side
+    "default": the default settings), OURS ("ours": equal cadence) or KERNELS ("kernels":
+    equal cadence with the fused CPU kernels)."""
     torch.manual_seed(0)
     model = w.make()
     x, y = w.batch(torch.device("cpu"))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     run = cs.init("bench", f"{w.name} single model", redis_url=redis_url)
-    settings = {} if default else EQUAL_CADENCE
+    settings: dict[str, Any] = {} if side == "default" else dict(EQUAL_CADENCE)
+    if side == "kernels":
+        assert cpu_kernels.load(wait=True), cpu_kernels.state()
+        settings["cpu_kernels"] = True
     monitor = run.watch(model, opt, batch_size=w.batch_size, dataset_size=50_000, **settings)
     inner = monitor._observe
 
@@ -107,8 +116,10 @@ def _ours(w: Workload, redis_url: str, default: bool) -> dict[str, Callable[[], 
 
         return run_step
 
-    if default:
+    if side == "default":
         return {DEFAULT[0]: condition(False, kept), DEFAULT[1]: condition(True, kept)}
+    if side == "kernels":
+        return {KERNELS[0]: condition(False, kept), KERNELS[1]: condition(True, kept)}
     return {
         OURS[0]: condition(False, kept),
         OURS[1]: condition(True, kept),
@@ -132,10 +143,7 @@ def child(workload: str, which: str, rounds: int, steps: int, redis_url: str) ->
     torch.set_num_threads(2)
     w = next(x for x in WORKLOADS if x.name == workload)
     try:
-        if which == "backpack":
-            conditions = _backpack(w)
-        else:
-            conditions = _ours(w, redis_url, default=which == "default")
+        conditions = _backpack(w) if which == "backpack" else _ours(w, redis_url, which)
     except Unsupported as exc:
         print("RESULT " + json.dumps({"skipped": str(exc)}))
         return
@@ -204,8 +212,9 @@ def main() -> None:
                 ours = _run_child(w.name, "ours", args, redis.url)
                 peer = _run_child(w.name, "backpack", args, redis.url)
                 default = _run_child(w.name, "default", args, redis.url)
-                rows.append((w, ours, peer, default))
-                print(w.name, ours, peer, default, flush=True)
+                kernels = _run_child(w.name, "kernels", args, redis.url)
+                rows.append((w, ours, peer, default, kernels))
+                print(w.name, ours, peer, default, kernels, flush=True)
     finally:
         redis.stop()
     lines = [
@@ -227,8 +236,13 @@ def main() -> None:
         "| workload | side | step (ms) | condition | ratio | faults / step | in the hook |",
         "|---|---|---|---|---|---|---|",
     ]
-    for w, ours, peer, default in rows:
-        sides = (("ours, every step", ours), ("BackPACK", peer), ("ours, defaults", default))
+    for w, ours, peer, default, kernels in rows:
+        sides = (
+            ("ours, every step", ours),
+            ("ours, every step, CPU kernels", kernels),
+            ("BackPACK", peer),
+            ("ours, defaults", default),
+        )
         for side, res in sides:
             if "skipped" in res:
                 lines.append(f"| {w.name} | {side} | | {res['skipped']} | n/a | | |")
@@ -241,22 +255,29 @@ def main() -> None:
     lines += [
         "",
         "Equal cadence: BackPACK Variance's overhead (ratio − 1) over ours, the streaming SNR "
-        "computed and published every step; the last column is ours with every per-step "
-        "tensor made anew, as before the workspace.",
+        "computed and published every step, with torch ops (the default) and with the fused "
+        "CPU kernels; the last column is ours with every per-step tensor made anew, as "
+        "before the workspace.",
         "",
-        "| workload | BackPACK Variance | ours | BackPACK ÷ ours | ours, tensors made anew |",
-        "|---|---|---|---|---|",
+        "| workload | BackPACK Variance | ours | BackPACK ÷ ours | ours, CPU kernels "
+        "| BackPACK ÷ ours (kernels) | ours, tensors made anew |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for w, ours, peer, _ in rows:
+    for w, ours, peer, _, kernels in rows:
         mine = ours["ratios"][OURS[1]] - 1
+        fused = kernels["ratios"][KERNELS[1]] - 1
         fresh = ours["ratios"][OURS[2]] - 1
         if "skipped" in peer:
-            lines.append(f"| {w.name} | n/a | {100 * mine:.1f} % | | {100 * fresh:.1f} % |")
+            lines.append(
+                f"| {w.name} | n/a | {100 * mine:.1f} % | | {100 * fused:.1f} % | "
+                f"| {100 * fresh:.1f} % |"
+            )
             continue
         theirs = peer["ratios"][BACKPACK[1]] - 1
         lines.append(
             f"| {w.name} | {100 * theirs:.1f} % | {100 * mine:.1f} % "
-            f"| {theirs / max(mine, 1e-9):.1f}× | {100 * fresh:.1f} % |"
+            f"| {theirs / max(mine, 1e-9):.1f}× | {100 * fused:.1f} % "
+            f"| {theirs / max(fused, 1e-9):.1f}× | {100 * fresh:.1f} % |"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
