@@ -500,10 +500,11 @@ class Plan:
         """The fields of an emitted step into ``out`` (float64: the overall fields, the
         per-layer fields field-major, then [T, Q]), as signal_stats.layer_statistics gives
         them, to float rounding; ``closed_run`` updated in place. ``vectors`` = (g, m, s,
-        w, m²_pop): with ``stream`` = (w_s, w_m, 1 − β, c_m, c_s) false, m holds m² and s
-        holds ŝ; with it, m is the first moment before this step and s the raw second
-        moment, both updated here (m only with ``own_m``), m̂ = c_m·lerp(m, g, 1 − β) and
-        ŝ = c_s·s are formed from them, and m²_pop is not read.
+        w, m²_pop): without ``stream``, m holds m² and s holds ŝ (any estimator); with
+        ``stream`` = (w_s, w_m, 1 − β, c_m, c_s), m is the first moment before this step and
+        s the raw second moment, both updated here (m only with ``own_m``),
+        m̂ = c_m·lerp(m, g, 1 − β) and ŝ = c_s·s are formed from them, and m²_pop is not
+        read.
 
         ``sources``: the gradients, one per layer, whose samples are gathered into g first;
         ``step_scale`` = (Adam's exp_avg_sq per layer, (lr, 1 − β₂ᵗ, ε) per layer): w is
