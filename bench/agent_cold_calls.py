@@ -83,6 +83,7 @@ def main() -> None:
         for _ in range(20):
             train_step()
         plain = monitors[False]
+        fused_plan = monitors[True]._fused_plan()  # the same model's layout and sample
         g = plain.workspace.get("g")
         scratch = g.numpy()[:1]
         calls: dict[str, Callable[[], Any]] = {
@@ -90,9 +91,7 @@ def main() -> None:
             "numba call doing nothing": lambda: kernels._moments(
                 scratch, scratch, scratch, 0.0, 0.0, False
             ),
-            "gather, fused kernel": lambda: kernels.gather(
-                [p.grad for p in plain.params], plain.idx, plain.bounds, g
-            ),
+            "gather, fused kernel": lambda: fused_plan.gather([p.grad for p in plain.params], g),
             "gather, torch ops (default)": lambda: plain._flat([p.grad for p in plain.params], "g"),
             "per-step update, torch ops (default)": monitors[False]._observe,
             "per-step update, fused kernels": monitors[True]._observe,

@@ -292,12 +292,13 @@ def _step_scale(w, bounds, constants):  # type: ignore[no-untyped-def]
 
 
 def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernels can read t as a flat array of ``dtype``: a dense contiguous CPU
+    tensor of that dtype."""
     return (
         t.device.type == "cpu"
         and t.layout == torch.strided
         and t.dtype == dtype
         and t.is_contiguous()
-        and dtype in DTYPES
     )
 
 
@@ -335,46 +336,6 @@ def _addresses(
     for row, t in enumerate(tensors):
         assert t is not None
         layout[row, column] = t.data_ptr()
-    return True
-
-
-def gather(
-    tensors: list[torch.Tensor | None],
-    samples: list[slice | None],
-    bounds: list[tuple[int, int]],
-    out: torch.Tensor,
-) -> float | None:
-    """Write each tensor's sampled coordinates (a strided slice of it flattened, or all of
-    it) into its range of ``out`` and return their sum (float64: finite exactly when every
-    value is); None, with ``out`` untouched, unless every tensor is a dense contiguous CPU
-    tensor of out's dtype. After backward, before the optimizer step."""
-    if not _fits(out, out.dtype) or out.dim() != 1:
-        return None
-    if bounds and bounds[-1][1] > out.numel():
-        raise ValueError(f"layer bounds do not fit {out.numel()} coordinates")
-    layout, need = _layout(samples, bounds)
-    if not _addresses(tensors, out.dtype, need, layout, _ADDRESS):
-        return None
-    spans = np.array(bounds, dtype=np.int64).reshape(-1, 2)
-    return float(_gather(layout, _ADDRESS, spans, out.numpy()))
-
-
-def update_moments(
-    g: torch.Tensor,
-    m_prev: torch.Tensor,
-    s: torch.Tensor,
-    own_m: bool,
-    s_weight: float,
-    m_weight: float,
-) -> bool:
-    """s ← s + w_s((g − m_prev)² − s), and with ``own_m`` (m_prev is the agent's own first
-    moment) m_prev ← m_prev + w_m(g − m_prev) after s has read it, in place; as the torch
-    path's lerps, to float rounding. False, with nothing changed, unless all three are
-    contiguous CPU tensors of one dtype. Once per updating step, before the optimizer
-    step."""
-    if not all(_fits(t, g.dtype) for t in (g, m_prev, s)):
-        return False
-    _moments(g.numpy(), m_prev.numpy(), s.numpy(), s_weight, m_weight, own_m)
     return True
 
 
@@ -464,28 +425,54 @@ class Plan:
         self.hist = np.zeros((nl, bins))  # counts of the last run with ``hist``
         nf = self.num.shape[0] - 2
         self.out = np.zeros(nf * (nl + 1) + 2)  # the fields of the last run
-        self._views: list[tuple[torch.Tensor | None, Any]] = [(None, None)] * 6
+        self._views: dict[str, tuple[torch.Tensor, Any]] = {}
 
-    def _view(self, slot: int, t: torch.Tensor) -> Any:
-        """t's numpy view, kept with t; None where the kernel cannot take t."""
-        kept, view = self._views[slot]
-        if kept is t:
-            return view
-        dtype = torch.uint8 if slot == 5 else self.dtype
-        ok = (
-            t.device.type == "cpu"
-            and t.layout == torch.strided
-            and t.dtype == dtype
-            and t.is_contiguous()
-            and t.dim() == 1
-        )
-        if not ok:
+    def _view(self, slot: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> Any:
+        """t's numpy view, kept with t under ``slot`` (one per role, so that a buffer that
+        changes does not pile up views); None where the kernels cannot take t."""
+        kept = self._views.get(slot)
+        if kept is not None and kept[0] is t:
+            return kept[1]
+        if not (_fits(t, dtype or self.dtype) and t.dim() == 1):
             return None
         if t.numel() != self.n:
             raise ValueError(f"a vector of {t.numel()} coordinates for a plan of {self.n}")
         view = t.numpy()
         self._views[slot] = (t, view)
         return view
+
+    def gather(
+        self, tensors: Sequence[torch.Tensor | None], out: torch.Tensor, slot: str = "g"
+    ) -> float | None:
+        """Write each tensor's sample (a strided slice of it flattened, or all of it) into
+        its layer's range of ``out`` and return their sum (float64: finite exactly when
+        every value is); None, with ``out`` untouched, unless ``out`` and every tensor are
+        dense contiguous CPU tensors of the plan's dtype. ``slot`` names out's role (the
+        gradient, Adam's exp_avg). After backward, before the optimizer step."""
+        dst = self._view(slot, out)
+        if dst is None or not _addresses(tensors, self.dtype, self._need, self.layout, _ADDRESS):
+            return None
+        return float(_gather(self.layout, _ADDRESS, self.bounds, dst))
+
+    def update_moments(
+        self,
+        g: torch.Tensor,
+        m_prev: torch.Tensor,
+        s: torch.Tensor,
+        own_m: bool,
+        s_weight: float,
+        m_weight: float,
+    ) -> bool:
+        """s ← s + w_s((g − m_prev)² − s), and with ``own_m`` (m_prev is the agent's own
+        first moment) m_prev ← m_prev + w_m(g − m_prev) after s has read it, in place; as
+        the torch path's lerps, to float rounding. False, with nothing changed, unless all
+        three are contiguous CPU vectors of the plan's dtype and size. Once per updating
+        step that emits nothing, before the optimizer step."""
+        gv, mv, sv = (self._view(slot, t) for slot, t in (("g", g), ("m", m_prev), ("s", s)))
+        if gv is None or mv is None or sv is None:
+            return False
+        _moments(gv, mv, sv, s_weight, m_weight, own_m)
+        return True
 
     def run(
         self,
@@ -514,7 +501,9 @@ class Plan:
         means only g was written. None, with nothing changed, where the kernel does not take
         these tensors (another device, dtype or layout); a ValueError for sizes that would
         take it out of bounds. After backward, before the optimizer step."""
-        views = [self._view(i, t) for i, t in enumerate((*vectors, closed_run))]
+        slots = ("g", "m", "s", "w", "m2p")
+        views = [self._view(slot, t) for slot, t in zip(slots, vectors, strict=True)]
+        views.append(self._view("closed_run", closed_run, torch.uint8))
         if any(v is None for v in views):
             return None
         if sources is not None and not _addresses(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -146,6 +146,7 @@ def layer_statistics(
     gate: GateSettings,
     workspace: Workspace | None = None,
     fused: bool | None = None,
+    plan: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-layer statistics (rows of LAYER_FIELDS × layers), the overall ones (one value
     per field) and the rates [T, Q] = [Σ w m²_pop, Σ w (m²_pop − α_n ŝ)] of §4.5, as
@@ -153,19 +154,20 @@ def layer_statistics(
     evaluations in a row its gate was closed; it is updated in place. ``workspace`` holds
     the scratch rows between calls (the monitor passes its own). ``fused``: None uses the
     fused CPU kernels where they are loaded and apply, False never, True always (loading
-    them first; an error where they cannot apply)."""
+    them first; an error where they cannot apply); ``plan``: their plan for this layout
+    (the monitor passes its own), else one made and kept with the workspace."""
     n = g.numel()
     scratch = workspace if workspace is not None else Workspace(n, g.dtype, g.device, limit=0)
     if fused:
         cpu_kernels.load(wait=True)
     if fused is not False:
         flat = fused_fields(
-            (g, m2, s, w, m2_population), closed_run, bounds, batch_size, gate, scratch
+            (g, m2, s, w, m2_population), closed_run, bounds, batch_size, gate, scratch, plan
         )
         if flat is not None:
             flat = flat.to(g.dtype, copy=True)  # the workspace's buffer is the next call's
-            nf, nl = len(LAYER_FIELDS), len(bounds)
-            return flat[nf : nf + nf * nl].view(nf, nl), flat[:nf], flat[nf + nf * nl :]
+            overall, per_layer, rates = split_fields(flat, len(bounds))
+            return per_layer.view(len(LAYER_FIELDS), len(bounds)), overall, rates
         if fused:
             raise ValueError(f"fused CPU statistics do not apply here ({cpu_kernels.state()})")
     sums, gsnr = _torch_sums(g, s, m2, w, m2_population, closed_run, bounds, batch_size, gate,
@@ -175,6 +177,16 @@ def layer_statistics(
     out = (num @ ext).div_((den @ ext).add_(_TINY))
     nf = len(LAYER_FIELDS)
     return out[:nf, :-1], out[:nf, -1], out[nf:, -1]
+
+
+_Flat = TypeVar("_Flat", list[float], torch.Tensor)
+
+
+def split_fields(flat: _Flat, layers: int) -> tuple[_Flat, _Flat, _Flat]:
+    """The overall fields, the per-layer fields (field-major) and [T, Q] of the fused
+    kernels' flat vector of an emitted step."""
+    nf = len(LAYER_FIELDS)
+    return flat[:nf], flat[nf : nf + nf * layers], flat[nf + nf * layers :]
 
 
 def fused_plan(
@@ -205,17 +217,20 @@ def fused_fields(
     batch_size: int,
     gate: GateSettings,
     scratch: Workspace,
+    plan: Any = None,
 ) -> torch.Tensor | None:
     """The statistics of an emitted step by the fused CPU kernels, as one float64 vector
     [overall fields, per-layer fields (field-major), T, Q], or None where the kernels are
-    not loaded or do not take these tensors. ``vectors`` = (g, m², ŝ, w, m²_pop). The
-    vector is the plan's, kept with ``scratch``: valid until the next call. After
+    not loaded or do not take these tensors. ``vectors`` = (g, m², ŝ, w, m²_pop). Run by
+    ``plan`` when given (made for these bounds, gate and batch size), else by one made
+    and kept with ``scratch``; the vector is the plan's: valid until its next run. After
     backward, before the optimizer step."""
     g = vectors[0]
-    if cpu_kernels.loaded() is None:
-        return None  # not kept: the plan is made once they have loaded
-    key = (tuple(bounds), g.numel(), batch_size, gate, g.dtype)
-    plan = scratch.keep(key, lambda: fused_plan(g.numel(), bounds, batch_size, gate, g.dtype))
+    if plan is None:
+        if cpu_kernels.loaded() is None:
+            return None  # nothing kept: the plan is made once they have loaded
+        key = (tuple(bounds), g.numel(), batch_size, gate, g.dtype)
+        plan = scratch.keep(key, lambda: fused_plan(g.numel(), bounds, batch_size, gate, g.dtype))
     if plan is None or plan.run(vectors, closed_run) is None:
         return None
     out: torch.Tensor = torch.from_numpy(plan.out)
@@ -316,8 +331,7 @@ def _median_of(x: torch.Tensor) -> torch.Tensor:
     """The median of x, or of MEDIAN_MAX evenly spaced entries of it when x is longer: a
     selection over every coordinate was most of the cost of an emitted step, and the
     median of 1,024 draws sits within ±3.1 % in rank of the full one (2σ). (It was 4,096,
-    ±1.6 %: inside a training step the selections were then the largest part of the fused
-    kernels' time, bench/results/agent_cold_calls.md.)"""
+    ±1.6 %, at four times the selections' work on every emitted step.)"""
     n = x.numel()
     if n > MEDIAN_MAX:
         x = x[:: -(-n // MEDIAN_MAX)]

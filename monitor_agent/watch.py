@@ -408,8 +408,8 @@ class Monitor:
         workspace tensor ``name`` (valid until the next step), and their sum where the
         fused gather took them (None otherwise)."""
         out = self.workspace.get(name)
-        kernels = self._kernels()
-        total = None if kernels is None else kernels.gather(tensors, self.idx, self.bounds, out)
+        plan = self._fused_plan()
+        total = None if plan is None else plan.gather(tensors, out, name)
         if total is not None:
             return out, total
         pieces = []
@@ -419,10 +419,6 @@ class Monitor:
             else:
                 pieces.append(sampled_flat(t.detach(), idx, self.dtype))
         return torch.cat(pieces, out=out), None
-
-    def _kernels(self) -> Any:
-        """The fused CPU kernels' module when this monitor uses them and they have loaded."""
-        return fused_kernels.loaded() if self.cpu_kernels else None
 
     def _adam_state(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         """Per-parameter optimizer state and group when every watched parameter has
@@ -600,8 +596,8 @@ class Monitor:
         if update:
             # s ← (1−w)s + w(g − m_{t−1})², with w = 0 on a non-finite step.
             own_m = self._owns_m(adam)
-            kernels = self._kernels() if finite else None
-            fused = kernels is not None and kernels.update_moments(
+            plan = self._fused_plan() if finite else None
+            fused = plan is not None and plan.update_moments(
                 g, m_prev, self.s, own_m, 1 - self.rho, 1 - beta
             )
             if not fused:
@@ -685,6 +681,10 @@ class Monitor:
         """ŝ/s after ``n_updates`` updates: the start's bias correction times (1+β)/2."""
         return (1 + beta) / 2 / (1 - self.rho ** max(n_updates, 1))
 
+    def _warm(self, n_updates: int) -> bool:
+        """Whether the streaming estimate has seen enough steps (1/(1−ρ)) to be published."""
+        return n_updates * self.stride >= 1 / (1 - self.rho)
+
     def _owns_m(self, adam: Any) -> bool:
         """Whether the first moment is the agent's own EMA (another optimizer, or a
         coordinate sample) rather than Adam's exp_avg."""
@@ -703,7 +703,7 @@ class Monitor:
             s, estimator = s_stream, STREAMING
             m2 = torch.mul(m_hat, m_hat, out=self.workspace.get("m2"))
         self._last_estimator = estimator
-        warm = estimator != STREAMING or self.n_updates * self.stride >= 1 / (1 - self.rho)
+        warm = estimator != STREAMING or self._warm(self.n_updates)
         with_hist = self._due("hist", step, self.hist_every) is not None
         # v̂ is a slow EMA (β2 ≈ 0.999): refreshing w with the histograms is enough.
         if with_hist or self._w_stale(adam):
@@ -714,7 +714,7 @@ class Monitor:
         m2_pop = m2 if exact is None else torch.mul(m_hat, m_hat, out=self.workspace.get("m2_pop"))
         per_layer, overall, rates = st.layer_statistics(
             g, s, m2, w, m2_pop, self.closed_run, self.bounds, self.batch_size, self.gate,
-            self.workspace, fused=None if self.cpu_kernels else False,
+            self.workspace, fused=None if self.cpu_kernels else False, plan=self._fused_plan(),
         )  # fmt: skip
         parts: dict[str, torch.Tensor] = {
             "overall": overall,
@@ -761,12 +761,11 @@ class Monitor:
         not yet measured, or tensors the kernel does not take."""
         if (
             not self.cpu_kernels
-            or self._w is None
             or self.keep_snapshot
             or self.per_example is not None
             or self.microbatch is not None
             or self.ranks is not None
-            or self._w_stale(adam)
+            or self._w_stale(adam)  # never measured, or for another optimizer
             or (
                 self.tracker is not None
                 and self._probe is not None
@@ -803,23 +802,22 @@ class Monitor:
         if with_hist:
             self._due("hist", step, self.hist_every)
         self._exact, self._last_estimator = None, STREAMING
-        nf, nl = len(st.LAYER_FIELDS), len(self.bounds)
-        flat = plan.out.tolist()
+        overall, per_layer, rates = st.split_fields(plan.out.tolist(), len(self.bounds))
         host = {
-            "overall": flat[:nf],
-            "per_layer": flat[nf : nf + nf * nl],
+            "overall": overall,
+            "per_layer": per_layer,
             "nonfinite": [float(self.nonfinite)],
-            "tq": flat[nf + nf * nl :],
+            "tq": rates,
         }
         if with_hist:
             host["hist"] = plan.hist.ravel().tolist()
-        warm = n_after * self.stride >= 1 / (1 - self.rho)
-        self._publish(step, host, STREAMING, warm)
+        self._publish(step, host, STREAMING, self._warm(n_after))
         return total
 
     def _fused_plan(self) -> Any:
-        """The fused kernels' plan for this monitor's layout, made once they have loaded."""
-        if self._plan is None and self._kernels() is not None:
+        """The fused kernels' plan for this monitor's layout, made once they have loaded;
+        None without them (not asked for, not loaded yet, or not available)."""
+        if self._plan is None and self.cpu_kernels and fused_kernels.loaded() is not None:
             self._plan = st.fused_plan(
                 self.n_coords, self.bounds, self.batch_size, self.gate, self.dtype, self.idx
             )

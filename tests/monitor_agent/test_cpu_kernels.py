@@ -1,5 +1,6 @@
-"""The fused CPU kernels' per-step update (monitor_agent.cpu_statistics) against the torch
-ops it replaces, and their loader; the statistics' twin tests are in test_signal_stats."""
+"""The fused CPU kernels' plans (monitor_agent.cpu_statistics.Plan: the gather, the per-step
+update, the one-call emitted step) against the torch ops they replace, and their loader;
+the statistics' twin tests are in test_signal_stats."""
 
 from __future__ import annotations
 
@@ -23,29 +24,55 @@ def kernels() -> object:
     return cpu_kernels.loaded()
 
 
+def _layers(
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    shapes: list[tuple[int, ...]],
+    samples: list[slice | None],
+) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """Random tensors of these shapes and the bounds of their samples in one flat vector."""
+    tensors = [torch.randn(shape, generator=gen, dtype=dtype) for shape in shapes]
+    sizes = [
+        len(range(t.numel())[sl]) if sl else t.numel()
+        for t, sl in zip(tensors, samples, strict=True)
+    ]
+    return tensors, list(itertools.pairwise([0, *itertools.accumulate(sizes)]))
+
+
+def _plan(n: int, bounds: list[tuple[int, int]], samples: list[slice | None], b: int,
+          gate: object, dtype: torch.dtype) -> object:  # fmt: skip
+    from monitor_agent import signal_stats as st
+
+    plan = st.fused_plan(n, bounds, b, gate, dtype, samples)  # type: ignore[arg-type]
+    assert plan is not None
+    return plan
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gather_writes_the_sampled_coordinates_and_their_sum(
     kernels: object, dtype: torch.dtype
 ) -> None:
+    from monitor_agent import signal_stats as st
+
     gen = torch.Generator().manual_seed(random.randrange(10**9))
     shapes = [(300, 200), (200,), (7, 3, 3, 5), (1,)]
-    tensors = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     samples = [slice(3, 60_000, 41), None, slice(0, 315, 2), None]
-    pairs = list(zip(tensors, samples, strict=True))
-    sizes = [len(range(t.numel())[s]) if s else t.numel() for t, s in pairs]
-    bounds = list(itertools.pairwise([0, *itertools.accumulate(sizes)]))
-    out = torch.empty(sum(sizes), dtype=dtype)
-    total = kernels.gather(tensors, samples, bounds, out)  # type: ignore[attr-defined]
-    want = torch.cat([sampled_flat(t, s, dtype) for t, s in pairs])
+    tensors, bounds = _layers(gen, dtype, shapes, samples)
+    plan = _plan(bounds[-1][1], bounds, samples, 16, st.GateSettings(), dtype)
+    out = torch.empty(bounds[-1][1], dtype=dtype)
+    total = plan.gather(tensors, out)  # type: ignore[attr-defined]
+    want = torch.cat([sampled_flat(t, s, dtype) for t, s in zip(tensors, samples, strict=True)])
     assert torch.equal(out, want)
     assert total == pytest.approx(float(want.double().sum()), rel=1e-9, abs=1e-9)
     tensors[2][0, 0, 0, 0] = float("inf")
-    assert kernels.gather(tensors, samples, bounds, out) == float("inf")  # type: ignore[attr-defined]
+    assert plan.gather(tensors, out) == float("inf")  # type: ignore[attr-defined]
     # What the kernels cannot take is left to the torch path, out untouched.
     out.fill_(7)
     for bad in (None, tensors[0].t(), tensors[0].half(), tensors[0].to_sparse()):
-        assert kernels.gather([bad, *tensors[1:]], samples, bounds, out) is None  # type: ignore[attr-defined]
+        assert plan.gather([bad, *tensors[1:]], out) is None  # type: ignore[attr-defined]
         assert bool((out == 7).all())
+    with pytest.raises(ValueError, match="coordinates"):
+        plan.gather(tensors, out[:-1])  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -53,15 +80,18 @@ def test_gather_writes_the_sampled_coordinates_and_their_sum(
 def test_update_moments_match_the_torch_lerps(
     kernels: object, dtype: torch.dtype, own_m: bool
 ) -> None:
+    from monitor_agent import signal_stats as st
+
     gen = torch.Generator().manual_seed(random.randrange(10**9))
     n = 5003
+    plan = _plan(n, [(0, 3000), (3000, n)], [None, None], 16, st.GateSettings(), dtype)
     s, m = torch.rand(n, generator=gen, dtype=dtype), torch.randn(n, generator=gen, dtype=dtype)
     s_twin, m_twin = s.clone(), m.clone()
     prev = torch.randn(n, generator=gen, dtype=dtype)  # Adam's exp_avg when not own_m
     for _ in range(20):
         g = torch.randn(n, generator=gen, dtype=dtype)
         m_prev, m_prev_twin = (m, m_twin) if own_m else (prev, prev)
-        assert kernels.update_moments(g, m_prev, s, own_m, 0.01, 0.1)  # type: ignore[attr-defined]
+        assert plan.update_moments(g, m_prev, s, own_m, 0.01, 0.1)  # type: ignore[attr-defined]
         d = g - m_prev_twin
         s_twin.lerp_(d * d, 0.01)
         if own_m:
@@ -73,7 +103,7 @@ def test_update_moments_match_the_torch_lerps(
     if not own_m:
         assert torch.equal(m, m_twin)  # untouched
     strided = torch.rand(2 * n, dtype=dtype)[::2]
-    assert not kernels.update_moments(strided, m, s, own_m, 0.01, 0.1)  # type: ignore[attr-defined]
+    assert not plan.update_moments(strided, m, s, own_m, 0.01, 0.1)  # type: ignore[attr-defined]
 
 
 def test_the_loader_can_be_turned_off_and_imports_nothing_heavy() -> None:
@@ -123,30 +153,6 @@ def test_without_numba_the_loader_warns_and_watch_keeps_the_torch_path() -> None
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ModuleNotFoundError"
-
-
-def _layers(
-    gen: torch.Generator,
-    dtype: torch.dtype,
-    shapes: list[tuple[int, ...]],
-    samples: list[slice | None],
-) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-    """Random tensors of these shapes and the bounds of their samples in one flat vector."""
-    tensors = [torch.randn(shape, generator=gen, dtype=dtype) for shape in shapes]
-    sizes = [
-        len(range(t.numel())[sl]) if sl else t.numel()
-        for t, sl in zip(tensors, samples, strict=True)
-    ]
-    return tensors, list(itertools.pairwise([0, *itertools.accumulate(sizes)]))
-
-
-def _plan(n: int, bounds: list[tuple[int, int]], samples: list[slice | None], b: int,
-          gate: object, dtype: torch.dtype) -> object:  # fmt: skip
-    from monitor_agent import signal_stats as st
-
-    plan = st.fused_plan(n, bounds, b, gate, dtype, samples)  # type: ignore[arg-type]
-    assert plan is not None
-    return plan
 
 
 SHAPES = [(100, 30), (1,), (7, 100), (1500,)]

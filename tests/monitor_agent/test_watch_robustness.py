@@ -148,6 +148,7 @@ def test_cpu_kernels_publish_what_the_torch_path_publishes(
             _train(model, opt, 240, x, y)
             assert ("statistics" in mon.workspace.kept()) == (not fused)
             assert (mon._plan is not None) == fused
+            assert not mon.workspace._objects  # its torch-path steps ran the same plan
             run_id, keys = run.id, run.keys
         stream = keys.stream(run_id, "layers")
         layers.append([wire.decode("layers", f)["l"] for _, f in redis_client.xrange(stream)])
