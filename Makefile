@@ -54,7 +54,7 @@ clean:
 
 # Peers for the overhead benchmark live in their own venv, installed with the torch
 # constraint (cockpit needs setuptools<81).
-.venv-peers/.installed: constraints.txt
+.venv-peers/.installed: pyproject.toml constraints.txt
 	test -x .venv-peers/bin/python || $(PY) -m venv .venv-peers
 	.venv-peers/bin/python -m pip install --quiet --upgrade pip
 	.venv-peers/bin/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[agent]' "setuptools<81" \
