@@ -7,9 +7,14 @@ coordinates):
 * one torch op on the sampled vector (an in-place add);
 * a numba call that does nothing (the fused kernels' floor per call);
 * the fused gather of the sampled gradient (watch(cpu_kernels=True));
+* the same gather of as many coordinates read contiguously from each tensor's start: the
+  cache lines a sample of whole lines (blocks of adjacent coordinates) would touch, 16×
+  fewer for float32, to size what such a sample could save;
 * the gather with torch ops (slices and a cat, the default);
 * the whole per-step update with torch ops and with the kernels (the monitor's hook on a
-  step that emits nothing).
+  step that emits nothing);
+* the whole emitted step with the kernels (the monitor's hook at equal cadence:
+  the gather, update and statistics in one kernel call, and publishing to Redis).
 
 Each round times every call ``--calls`` times in each setting; cells are medians over
 rounds of each round's median, µs. Run:
@@ -39,6 +44,7 @@ import monitor_agent as cs
 from bench.statistics_compile import per_call_us
 from bench.workloads import WORKLOADS
 from monitor_agent import cpu_kernels
+from monitor_agent import signal_stats as st
 from server.embedded_redis import EmbeddedRedis
 
 WORKLOAD = "MLP 784-512-512-10, b=128"
@@ -65,15 +71,15 @@ def main() -> None:
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         x, y = w.batch(torch.device("cpu"))
         monitors, runs = {}, []
-        for fused in (False, True):
-            run = cs.init("bench", f"cold calls {fused}", redis_url=redis.url)
+        for fused, emit_every in ((False, 10**9), (True, 10**9), (True, 1)):
+            run = cs.init("bench", f"cold calls {fused} {emit_every}", redis_url=redis.url)
             runs.append(run)
             mon = run.watch(
                 model, opt, batch_size=w.batch_size, dataset_size=50_000, noise="streaming",
-                emit_every=10**9, budget=None, cpu_kernels=fused,
+                emit_every=emit_every, budget=None, cpu_kernels=fused,
             )  # fmt: skip
             mon._handle.remove()  # called by hand below, not by the optimizer
-            monitors[fused] = mon
+            monitors[(fused, emit_every)] = mon
 
         def train_step() -> None:
             opt.zero_grad()
@@ -82,9 +88,13 @@ def main() -> None:
 
         for _ in range(20):
             train_step()
-        plain = monitors[False]
-        fused_plan = monitors[True]._fused_plan()  # the same model's layout and sample
+        plain = monitors[(False, 10**9)]
+        fused_plan = monitors[(True, 10**9)]._fused_plan()  # the same model's layout and sample
         g = plain.workspace.get("g")
+        contiguous_plan = st.fused_plan(
+            plain.n_coords, plain.bounds, w.batch_size, plain.gate, plain.dtype,
+            [None if sl is None else slice(0, None, 1) for sl in plain.idx],
+        )  # fmt: skip
         scratch = g.numpy()[:1]
         calls: dict[str, Callable[[], Any]] = {
             "torch in-place add (26,931 floats)": lambda: g.add_(0.0),
@@ -92,9 +102,13 @@ def main() -> None:
                 scratch, scratch, scratch, 0.0, 0.0, False
             ),
             "gather, fused kernel": lambda: fused_plan.gather([p.grad for p in plain.params], g),
+            "gather, fused kernel, contiguous lines": lambda: contiguous_plan.gather(
+                [p.grad for p in plain.params], g
+            ),
             "gather, torch ops (default)": lambda: plain._flat([p.grad for p in plain.params], "g"),
-            "per-step update, torch ops (default)": monitors[False]._observe,
-            "per-step update, fused kernels": monitors[True]._observe,
+            "per-step update, torch ops (default)": plain._observe,
+            "per-step update, fused kernels": monitors[(True, 10**9)]._observe,
+            "emitted step, fused kernels, published": monitors[(True, 1)]._observe,
         }
         settings: dict[str, Callable[[], Any] | None] = {
             "hot": None,
