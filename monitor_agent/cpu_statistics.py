@@ -294,12 +294,9 @@ def _step_scale(w, bounds, constants):  # type: ignore[no-untyped-def]
 def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the kernels can read t as a flat array of ``dtype``: a dense contiguous CPU
     tensor of that dtype."""
-    return (
-        t.device.type == "cpu"
-        and t.layout == torch.strided
-        and t.dtype == dtype
-        and t.is_contiguous()
-    )
+    # is_cpu rather than device.type: this runs for every gradient on every emitted step,
+    # and building the device object cost more than the other three checks together.
+    return t.is_cpu and t.layout == torch.strided and t.dtype == dtype and t.is_contiguous()
 
 
 def _layout(

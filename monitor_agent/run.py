@@ -161,8 +161,14 @@ class Run:
         if self._sender is not None and not self._finished:
             self._sender.submit(ops)
 
-    def _xadd(self, kind: str, record: Mapping[str, Any], entry_id: str | None = None) -> Op:
-        fields = wire.encode(kind, record)
+    def _xadd(
+        self,
+        kind: str,
+        record: Mapping[str, Any],
+        entry_id: str | None = None,
+        check: bool = True,
+    ) -> Op:
+        fields = wire.encode(kind, record, check=check)
         return (
             "xadd",
             self.keys.stream(self.id, kind),
@@ -179,6 +185,20 @@ class Run:
             warnings.warn(f"channelscope: {kind} record not sent: {exc}", stacklevel=3)
             return
         self._submit([op])
+
+    def emit_many(self, records: list[tuple[str, Mapping[str, Any]]], check: bool = True) -> None:
+        """Queue several records (kind, record) as one batch; never blocks. ``check=False``
+        skips validation, for records the agent builds itself (a monitor's emitted step)."""
+        if self._sender is None or self._finished:
+            return
+        ops = []
+        for kind, record in records:
+            try:
+                ops.append(self._xadd(kind, record, check=check))
+            except wire.WireError as exc:
+                warnings.warn(f"channelscope: {kind} record not sent: {exc}", stacklevel=2)
+        if ops:
+            self._submit(ops)
 
     def update_meta(self, fields: Mapping[str, Any]) -> None:
         """Merge fields into the run's metadata hash (layers, settings, ...)."""

@@ -185,6 +185,14 @@ class Monitor:
         self.optimizer = optimizer
         self.batch_size = batch_size
         self.dataset_size = dataset_size
+        # The published fields (population_fraction only with a dataset size): (index in
+        # signal_stats.LAYER_FIELDS, name), and the scalars' names, made once.
+        self._fields = [
+            (i, name)
+            for i, name in enumerate(st.LAYER_FIELDS)
+            if not (name == "population_fraction" and dataset_size is None)
+        ]
+        self._scalar_names = [(i, f"signal/{name}") for i, name in self._fields]
         self.noise = noise
         self.emit_every = emit_every
         self.emit_interval = emit_every  # what the budget has made of emit_every
@@ -897,33 +905,29 @@ class Monitor:
             "agent/emit_every": float(self.emit_interval),
             "signal/estimator": float(estimator),
         }
+        t = time.time()
+        # Built here from floats (the host transfer's lists): the sender skips their checks.
+        records: list[tuple[str, dict[str, Any]]] = []
         if warm:
-            values = dict(zip(st.LAYER_FIELDS, overall, strict=True))
-            for name in st.LAYER_FIELDS:
-                if name == "population_fraction" and self.dataset_size is None:
-                    continue
-                scalars[f"signal/{name}"] = values[name]
+            for i, name in self._scalar_names:
+                scalars[name] = overall[i]
             scalars["signal/occupancy_stderr"] = st.occupancy_stderr(
-                values["occupancy"], self.n_coords
+                overall[st.LAYER_FIELDS.index("occupancy")], self.n_coords
             )
-            layers = {
-                name: per_layer[i * nl : (i + 1) * nl]
-                for i, name in enumerate(st.LAYER_FIELDS)
-                if not (name == "population_fraction" and self.dataset_size is None)
-            }
-            self.run.emit("layers", {"step": step, "t": time.time(), "l": layers})
+            layers = {name: per_layer[i * nl : (i + 1) * nl] for i, name in self._fields}
+            records.append(("layers", {"step": step, "t": t, "l": layers}))
             if hist:
                 bins = len(st.HIST_EDGES) - 1
                 counts = [[int(c) for c in hist[i * bins : (i + 1) * bins]] for i in range(nl)]
-                self.run.emit(
-                    "hist",
-                    {"step": step, "t": time.time(), "edges": st.HIST_EDGES, "counts": counts},
+                records.append(
+                    ("hist", {"step": step, "t": t, "edges": st.HIST_EDGES, "counts": counts})
                 )
         if step > 0:  # the first window holds no whole training step to compare with
             scalars["agent/overhead"] = overhead
         if warm and self.tracker is not None:
             scalars.update(self._memorization(step, host))
-        self.run.emit("scalars", {"step": step, "t": time.time(), "s": scalars})
+        records.append(("scalars", {"step": step, "t": t, "s": scalars}))
+        self.run.emit_many(records, check=False)
         if nonfinite > self._reported_nonfinite:
             self.run.event(
                 "non_finite",

@@ -3,6 +3,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 import monitor_agent as cs
@@ -170,3 +171,17 @@ def test_records_of_a_busy_moment_go_out_in_one_delivery(
     sender.close()
     assert len(deliveries) == 1
     assert redis_client.xlen(key) == 10
+
+
+def test_emit_many_queues_records_together_and_a_bad_one_loses_only_itself(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    with cs.init("unit", "many", redis_url=redis_url) as run:
+        layers = {"step": 3, "t": 1.0, "l": {"occupancy": [0.25, 0.5]}}
+        scalars = {"step": 3, "t": 1.0, "s": {"signal/occupancy": 0.4}}
+        run.emit_many([("layers", layers), ("scalars", scalars)], check=False)
+        with pytest.warns(UserWarning, match="hist record not sent"):
+            run.emit_many([("hist", {"step": "x"}), ("scalars", {**scalars, "step": 4})])
+    assert _steps(redis_client, run) == [3, 4]
+    entries = redis_client.xrange(run.keys.stream(run.id, "layers"))
+    assert [wire.decode("layers", f)["l"] for _, f in entries] == [{"occupancy": [0.25, 0.5]}]

@@ -73,3 +73,19 @@ def test_meta_round_trip() -> None:
     assert out["layers"] == ["a", "b"]
     assert out["schema_version"] == str(wire.SCHEMA_VERSION)
     assert wire.decode_meta({b"config": b"{not json"})["config"] is None
+
+
+def test_unchecked_encoding_is_the_same_bytes_and_kinds_are_still_checked() -> None:
+    rng = random.Random()
+    rec = {
+        "step": rng.randrange(10**6),
+        "t": rng.random(),
+        "l": {"occupancy": [rng.random() for _ in range(rng.randrange(1, 9))]},
+    }
+    assert wire.encode("layers", rec, check=False) == wire.encode("layers", rec)
+    # Unchecked records still decode through the server's checks, which catch a bad one.
+    bad = wire.encode("layers", {**rec, "l": {"occupancy": "not a list"}}, check=False)
+    with pytest.raises(wire.MalformedRecord, match="layer series"):
+        wire.decode("layers", bad)
+    with pytest.raises(wire.MalformedRecord, match="unknown record kind"):
+        wire.encode("nope", rec, check=False)
