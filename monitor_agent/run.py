@@ -195,7 +195,8 @@ class Run:
         for kind, record in records:
             try:
                 ops.append(self._xadd(kind, record, check=check))
-            except wire.WireError as exc:
+            except (wire.WireError, TypeError, ValueError, OverflowError) as exc:
+                # Unchecked, a value msgpack cannot pack fails here: never in the step.
                 warnings.warn(f"channelscope: {kind} record not sent: {exc}", stacklevel=2)
         if ops:
             self._submit(ops)

@@ -218,8 +218,8 @@ _CHECKS = {
 
 def encode(kind: str, record: Mapping[str, Any], *, check: bool = True) -> dict[bytes, bytes]:
     """Stream entry fields for one record of the given kind; validates before encoding
-    unless ``check`` is False (records the agent builds itself from floats, on every
-    emitted step: their checks were a quarter of its publishing time)."""
+    unless ``check`` is False (records the agent builds itself from floats on every
+    emitted step; the server checks every record it reads)."""
     if kind not in _CHECKS:
         raise MalformedRecord(f"unknown record kind {kind!r}")
     body = dict(record)

@@ -182,6 +182,9 @@ def test_emit_many_queues_records_together_and_a_bad_one_loses_only_itself(
         run.emit_many([("layers", layers), ("scalars", scalars)], check=False)
         with pytest.warns(UserWarning, match="hist record not sent"):
             run.emit_many([("hist", {"step": "x"}), ("scalars", {**scalars, "step": 4})])
+        # Unchecked, a value msgpack cannot pack is dropped with a warning, never raised.
+        with pytest.warns(UserWarning, match="scalars record not sent"):
+            run.emit_many([("scalars", {**scalars, "s": {"x": object()}})], check=False)
     assert _steps(redis_client, run) == [3, 4]
     entries = redis_client.xrange(run.keys.stream(run.id, "layers"))
     assert [wire.decode("layers", f)["l"] for _, f in entries] == [{"occupancy": [0.25, 0.5]}]
