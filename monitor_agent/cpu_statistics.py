@@ -294,8 +294,8 @@ def _step_scale(w, bounds, constants):  # type: ignore[no-untyped-def]
 def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the kernels can read t as a flat array of ``dtype``: a dense contiguous CPU
     tensor of that dtype."""
-    # is_cpu rather than device.type: this runs for every gradient on every emitted step,
-    # and building the device object cost more than the other three checks together.
+    # is_cpu rather than device.type, which builds a device object: this runs for every
+    # gradient on every emitted step.
     return t.is_cpu and t.layout == torch.strided and t.dtype == dtype and t.is_contiguous()
 
 

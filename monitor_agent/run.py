@@ -177,18 +177,19 @@ class Run:
 
     def emit(self, kind: str, record: Mapping[str, Any]) -> None:
         """Queue one record of a stream kind (scalars, layers, hist, spectrum); never blocks."""
-        if self._sender is None or self._finished:
-            return
-        try:
-            op = self._xadd(kind, record)
-        except wire.WireError as exc:
-            warnings.warn(f"channelscope: {kind} record not sent: {exc}", stacklevel=3)
-            return
-        self._submit([op])
+        self._queue([(kind, record)], check=True, stacklevel=4)
 
     def emit_many(self, records: list[tuple[str, Mapping[str, Any]]], check: bool = True) -> None:
         """Queue several records (kind, record) as one batch; never blocks. ``check=False``
         skips validation, for records the agent builds itself (a monitor's emitted step)."""
+        self._queue(records, check=check, stacklevel=3)
+
+    def _queue(
+        self, records: list[tuple[str, Mapping[str, Any]]], check: bool, stacklevel: int
+    ) -> None:
+        """Encode records and queue them as one batch; one that cannot be encoded is left
+        out with a warning (at ``stacklevel``, the caller's caller), never raised into the
+        training step: a failed check, or a value msgpack cannot pack."""
         if self._sender is None or self._finished:
             return
         ops = []
@@ -196,8 +197,7 @@ class Run:
             try:
                 ops.append(self._xadd(kind, record, check=check))
             except (wire.WireError, TypeError, ValueError, OverflowError) as exc:
-                # Unchecked, a value msgpack cannot pack fails here: never in the step.
-                warnings.warn(f"channelscope: {kind} record not sent: {exc}", stacklevel=2)
+                warnings.warn(f"channelscope: {kind} record not sent: {exc}", stacklevel=stacklevel)
         if ops:
             self._submit(ops)
 

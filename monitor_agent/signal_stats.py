@@ -34,6 +34,7 @@ LAYER_FIELDS = (
     "population_fraction",
     "persistent_reservoir",
 )
+OCCUPANCY = LAYER_FIELDS.index("occupancy")
 HIST_EDGES = [x / 2 for x in range(-16, 9)]  # log10 SNR from -8 to 4, 24 bins
 _HIST_CLAMP = 1e-6  # values clamp to just under the top edge, into the last bin
 _TINY = 1e-30

@@ -185,14 +185,13 @@ class Monitor:
         self.optimizer = optimizer
         self.batch_size = batch_size
         self.dataset_size = dataset_size
-        # The published fields (population_fraction only with a dataset size): (index in
-        # signal_stats.LAYER_FIELDS, name), and the scalars' names, made once.
+        # The published fields (population_fraction only with a dataset size), made once:
+        # (index in signal_stats.LAYER_FIELDS, name, the overall value's scalar name).
         self._fields = [
-            (i, name)
+            (i, name, f"signal/{name}")
             for i, name in enumerate(st.LAYER_FIELDS)
             if not (name == "population_fraction" and dataset_size is None)
         ]
-        self._scalar_names = [(i, f"signal/{name}") for i, name in self._fields]
         self.noise = noise
         self.emit_every = emit_every
         self.emit_interval = emit_every  # what the budget has made of emit_every
@@ -909,12 +908,12 @@ class Monitor:
         # Built here from floats (the host transfer's lists): the sender skips their checks.
         records: list[tuple[str, dict[str, Any]]] = []
         if warm:
-            for i, name in self._scalar_names:
-                scalars[name] = overall[i]
+            for i, _, scalar in self._fields:
+                scalars[scalar] = overall[i]
             scalars["signal/occupancy_stderr"] = st.occupancy_stderr(
-                overall[st.LAYER_FIELDS.index("occupancy")], self.n_coords
+                overall[st.OCCUPANCY], self.n_coords
             )
-            layers = {name: per_layer[i * nl : (i + 1) * nl] for i, name in self._fields}
+            layers = {name: per_layer[i * nl : (i + 1) * nl] for i, name, _ in self._fields}
             records.append(("layers", {"step": step, "t": t, "l": layers}))
             if hist:
                 bins = len(st.HIST_EDGES) - 1

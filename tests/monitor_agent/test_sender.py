@@ -185,6 +185,10 @@ def test_emit_many_queues_records_together_and_a_bad_one_loses_only_itself(
         # Unchecked, a value msgpack cannot pack is dropped with a warning, never raised.
         with pytest.warns(UserWarning, match="scalars record not sent"):
             run.emit_many([("scalars", {**scalars, "s": {"x": object()}})], check=False)
+        # Nor does an event whose data passes the checks but cannot be packed raise.
+        with pytest.warns(UserWarning, match="events record not sent") as caught:
+            run.event("note", "data msgpack cannot pack", data={"x": object()})
+        assert caught[0].filename == __file__  # the warning points at the caller's line
     assert _steps(redis_client, run) == [3, 4]
     entries = redis_client.xrange(run.keys.stream(run.id, "layers"))
     assert [wire.decode("layers", f)["l"] for _, f in entries] == [{"occupancy": [0.25, 0.5]}]
