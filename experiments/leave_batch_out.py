@@ -30,12 +30,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from experiments.run_all import onset_hits
+from experiments.side_study import finish
 from experiments.tasks import (
     Task,
     digits_cnn_label_noise,
@@ -181,12 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             for seed in (int(v) for v in args.seeds.split(",")):
                 studies.append(study(TASKS[name](noise, seed), noise, args.steps))
                 print(f"{studies[-1].name}: done", file=sys.stderr, flush=True)
-    command = "python -m experiments.leave_batch_out " + " ".join(argv or sys.argv[1:])
-    text = report(studies, args.window, command.strip(), time.perf_counter() - started)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
+    seconds = time.perf_counter() - started
+    return finish("experiments.leave_batch_out", argv, args.out,
+                  lambda command: report(studies, args.window, command, seconds))  # fmt: skip
 
 
 if __name__ == "__main__":

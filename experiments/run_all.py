@@ -219,6 +219,9 @@ def candidates(rec: RunRecord) -> dict[str, tuple[int | None, int | None]]:
     return out
 
 
+# How every full-batch run is trained and recorded (run_task's keywords): the exact
+# per-example estimator, which gives the agent's default score there, the signal score.
+FULL_BATCH_RUN: dict[str, Any] = {"eval_every": 20, "estimator": "per_example"}
 GROK_FITTED = 0.1  # training loss at which the training set counts as fitted
 GROK_JUMP = 0.9  # held-out accuracy whose step the alarm's clear is judged against
 
@@ -903,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, kind_seeds, make, steps, noise, until in full_batch:
         for seed in kind_seeds:
             jobs.append((f"{kind} {seed}" + (f" noise {noise:g}" if noise else ""), kind, lambda m=make, s=seed, k=kind, n=steps, z=noise, u=until: run_task(
-                m(s), k, n, redis.url, eval_every=20, estimator="per_example", noise=z, until_accuracy=u)))  # fmt: skip
+                m(s), k, n, redis.url, **FULL_BATCH_RUN, noise=z, until_accuracy=u)))  # fmt: skip
     if args.rerun:
         jobs = [(label, kind, job) for label, kind, job in jobs if kind == args.rerun]
         if not jobs:
