@@ -14,7 +14,12 @@ coordinates):
 * the whole per-step update with torch ops and with the kernels (the monitor's hook on a
   step that emits nothing);
 * the whole emitted step with the kernels (the monitor's hook at equal cadence:
-  the gather, update and statistics in one kernel call, and publishing to Redis).
+  the gather, update and statistics in one kernel call, and publishing to Redis);
+* an emitted step's two records (its layers and scalars, built in the call) passed to
+  ``Run.emit_many``,
+  encoded and queued for the sender at once (a run whose hold is off), and held (the
+  run's default when records come within 50 ms of its last hand-off; one call in several
+  then encodes and queues all that is held).
 
 Each round times every call ``--calls`` times in each setting; cells are medians over
 rounds of each round's median, µs. Run:
@@ -96,6 +101,22 @@ def main() -> None:
             [None if sl is None else slice(0, None, 1) for sl in plain.idx],
         )  # fmt: skip
         scratch = g.numpy()[:1]
+        queued_at_once = cs.init("bench", "cold calls, records at once", redis_url=redis.url)
+        queued_at_once._hold_s = 0.0
+        held = cs.init("bench", "cold calls, records held", redis_url=redis.url)
+        runs += [queued_at_once, held]
+
+        def records() -> list[tuple[str, dict[str, Any]]]:
+            """An emitted step's layers and scalars records, built as the monitor builds
+            them (7 fields of 6 layers, 25 scalars)."""
+            t = time.time()
+            layers = {f"field{i}": [0.1 * j for j in range(6)] for i in range(7)}
+            scalars = {f"signal/x{i}": 0.5 + i for i in range(25)}
+            return [
+                ("layers", {"step": 1, "t": t, "l": layers}),
+                ("scalars", {"step": 1, "t": t, "s": scalars}),
+            ]
+
         calls: dict[str, Callable[[], Any]] = {
             "torch in-place add (26,931 floats)": lambda: g.add_(0.0),
             "numba call doing nothing": lambda: kernels._moments(
@@ -109,6 +130,10 @@ def main() -> None:
             "per-step update, torch ops (default)": plain._observe,
             "per-step update, fused kernels": monitors[(True, 10**9)]._observe,
             "emitted step, fused kernels, published": monitors[(True, 1)]._observe,
+            "two records, encoded and queued at once": lambda: queued_at_once.emit_many(
+                records(), check=False
+            ),
+            "two records, held": lambda: held.emit_many(records(), check=False),
         }
         settings: dict[str, Callable[[], Any] | None] = {
             "hot": None,

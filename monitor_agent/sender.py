@@ -186,6 +186,7 @@ class Sender:
         batch_size: int = 512,
         retry_every_s: float = 1.0,
         on_batch: Callable[[bool], list[Op]] | None = None,
+        on_idle: Callable[[], None] | None = None,
         heartbeat_s: float = 5.0,
         linger_s: float = 0.05,
     ) -> None:
@@ -196,6 +197,7 @@ class Sender:
         self._batch_size = batch_size
         self._retry_every_s = retry_every_s
         self._on_batch = on_batch
+        self._on_idle = on_idle
         self._client: redis.Redis | None = None
         self._next_try = 0.0
         self._heartbeat_s = heartbeat_s
@@ -319,7 +321,14 @@ class Sender:
                 while len(batches) < self._batch_size and batches[-1] is not _STOP:
                     batches.append(self._queue.get_nowait())
             except queue.Empty:
-                pass
+                if not batches and self._on_idle is not None:
+                    # Nothing came for a while: the producer may be holding records
+                    # (Run's hold); they are queued now and go out on the next turn.
+                    try:
+                        self._on_idle()
+                    except Exception as exc:  # the sender thread must survive its callbacks
+                        log.exception("channelscope sender: idle callback failed")
+                        self._note_error(exc)
             ops: list[Op] = []
             for item in batches:
                 if item is _STOP:

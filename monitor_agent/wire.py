@@ -216,17 +216,24 @@ _CHECKS = {
 }
 
 
-def encode(kind: str, record: Mapping[str, Any], *, check: bool = True) -> dict[bytes, bytes]:
+def encode(
+    kind: str,
+    record: Mapping[str, Any],
+    *,
+    check: bool = True,
+    packer: msgpack.Packer | None = None,
+) -> dict[bytes, bytes]:
     """Stream entry fields for one record of the given kind; validates before encoding
     unless ``check`` is False (records the agent builds itself from floats on every
-    emitted step; the server checks every record it reads)."""
+    emitted step; the server checks every record it reads). ``packer``: a msgpack Packer
+    (use_bin_type=True) to reuse, owned by one thread at a time; packb makes a new one."""
     if kind not in _CHECKS:
         raise MalformedRecord(f"unknown record kind {kind!r}")
     body = dict(record)
     body["v"] = SCHEMA_VERSION
     if check:
         _CHECKS[kind](body)
-    packed = msgpack.packb(body, use_bin_type=True)
+    packed = msgpack.packb(body, use_bin_type=True) if packer is None else packer.pack(body)
     if len(packed) > MAX_RECORD_BYTES:
         raise OversizedRecord(f"{kind} record of {len(packed)} bytes")
     return {FIELD: packed}

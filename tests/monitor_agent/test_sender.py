@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -182,13 +183,88 @@ def test_emit_many_queues_records_together_and_a_bad_one_loses_only_itself(
         run.emit_many([("layers", layers), ("scalars", scalars)], check=False)
         with pytest.warns(UserWarning, match="hist record not sent"):
             run.emit_many([("hist", {"step": "x"}), ("scalars", {**scalars, "step": 4})])
-        # Unchecked, a value msgpack cannot pack is dropped with a warning, never raised.
-        with pytest.warns(UserWarning, match="scalars record not sent"):
+        # Unchecked, a record is encoded when handed to the sender (here by flush): a value
+        # msgpack cannot pack is dropped with a warning, never raised, and the records
+        # held with it still go.
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             run.emit_many([("scalars", {**scalars, "s": {"x": object()}})], check=False)
+            run.emit_many([("scalars", {**scalars, "step": 5})], check=False)
+            run.flush()
+        assert [str(w.message)[:37] for w in seen] == ["channelscope: scalars record not sent"]
+        assert seen[0].filename == __file__
         # Nor does an event whose data passes the checks but cannot be packed raise.
         with pytest.warns(UserWarning, match="events record not sent") as caught:
             run.event("note", "data msgpack cannot pack", data={"x": object()})
         assert caught[0].filename == __file__  # the warning points at the caller's line
-    assert _steps(redis_client, run) == [3, 4]
+    assert _steps(redis_client, run) == [3, 4, 5]
     entries = redis_client.xrange(run.keys.stream(run.id, "layers"))
     assert [wire.decode("layers", f)["l"] for _, f in entries] == [{"occupancy": [0.25, 0.5]}]
+
+
+def test_records_logged_fast_are_held_and_handed_off_together(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    """Records that come within HOLD_S of the last hand-off wait in the run and reach the
+    sender's queue as one batch: encoding a record right after a training step costs
+    several times what it costs in a burst."""
+    from monitor_agent.run import HOLD_S
+
+    with cs.init("unit", "hold", redis_url=redis_url) as run:
+        assert run._sender is not None
+        run.flush()  # hand-off now: the next records come within HOLD_S of it
+        queued = run._sender._queue.unfinished_tasks
+        for step in range(5):
+            run.log({"train/loss": float(step)}, step=step)
+        assert run._sender._queue.unfinished_tasks <= queued + 1  # at most one batch
+        time.sleep(HOLD_S)
+        run.log({"train/loss": 5.0}, step=5)  # HOLD_S later: everything held goes now
+        assert not run._held
+    assert _steps(redis_client, run) == list(range(6))
+
+
+def test_records_held_when_logging_stops_go_out_on_the_senders_idle_turn(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    run = cs.init("unit", "idle", redis_url=redis_url)
+    run.flush()
+    run.log({"train/loss": 1.0}, step=0)
+    run.log({"train/loss": 2.0}, step=1)
+    deadline = time.monotonic() + 5.0
+    while len(_steps(redis_client, run)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # No flush, no finish: the sender's idle wake-up (every 0.2 s) handed them off.
+    assert _steps(redis_client, run) == [0, 1]
+    run.finish()
+
+
+def test_threads_logging_at_once_lose_and_duplicate_nothing(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    """Entry ids are drawn and queued in one critical section: a stream's ids reach Redis
+    in increasing order whichever thread logs, so Redis rejects none of them."""
+    import threading
+
+    with cs.init("unit", "threads", redis_url=redis_url) as run:
+
+        def worker(k: int) -> None:
+            for step in range(300):
+                run.log({f"w{k}": float(step)}, step=step)
+                run.emit_many([("layers", {"step": step, "t": 1.0, "l": {"x": [k]}})], check=False)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    stats = run.sender_stats()
+    assert stats["duplicates"] == 0 and stats["errors"] == 0 and stats["dropped"] == 0
+    assert redis_client.xlen(run.keys.stream(run.id, "scalars")) == 1200
+    assert redis_client.xlen(run.keys.stream(run.id, "layers")) == 1200
+    per_worker: dict[str, list[float]] = {}
+    for _, fields in redis_client.xrange(run.keys.stream(run.id, "scalars")):
+        for name, value in wire.decode("scalars", fields)["s"].items():
+            per_worker.setdefault(name, []).append(value)
+    # Each thread's records arrive in the order it logged them.
+    assert all(v == [float(s) for s in range(300)] for v in per_worker.values())
+    assert len(per_worker) == 4
