@@ -20,11 +20,12 @@ ground truth, and prints per run:
   fall (fit to end) done by the clear and by the 90 % step.
 
     python -m experiments.grokking_clear [--seeds 15,16,...] [--steps 12000]
-        [--estimator per_example|auto] [--out FILE.md]
+        [--estimator per_example|streaming] [--out FILE.md]
 
-With ``--estimator auto`` (watch's default) the agent uses the streaming estimator on
-these full-batch runs, and so the tail score, which docs/concepts.md says does not see
-grokking: the run shows what a user who leaves the default gets.
+With ``--estimator streaming`` the agent uses the streaming estimator on these full-batch
+runs, and so the tail score, which docs/concepts.md says does not see grokking: what
+watch's default (noise="auto") gave a full batch before it picked the per-example
+estimator there (experiments/GROKKING_CLEAR_STREAMING.md).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def report(runs: list[Clear], command: str, seconds: float, estimator: str = "pe
     how = (
         "the exact per-example estimator and so the signal score"
         if estimator == "per_example"
-        else "watch's default estimator (streaming) and so the tail score"
+        else "the streaming estimator and so the tail score"
     )
     lines = [
         "# Grokking: where the alarm clears on the held-out curves",
@@ -208,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--steps", type=int, default=FULL.grok_steps)
     parser.add_argument(
-        "--estimator", default="per_example", choices=["per_example", "auto"],
-        help="the agent's noise estimator: per_example (the signal score, as make experiments "
-        "runs grokking) or auto (the watch default: streaming, and so the tail score)",
+        "--estimator", default="per_example", choices=["per_example", "streaming"],
+        help="the agent's noise estimator: per_example (the signal score; what make "
+        "experiments runs and what watch's default noise='auto' picks for a full batch) or "
+        "streaming (the tail score; what noise='auto' gave full-batch runs before)",
     )  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

@@ -305,6 +305,15 @@ def test_full_batch_exact_training_uses_the_signal_score(
         for s in scalars
         if "memorization/score" in s
     )
+    # noise="auto" (watch's default) on a full batch picks the per-example estimator, and
+    # so the signal score; on mini-batches it stays streaming, with the tail score.
+    auto = _full_batch_run(redis_url, "auto", 48)
+    meta = wire.decode_meta(redis_client.hgetall(auto.keys.meta(auto.id)))["settings"]
+    assert (meta["noise"], meta["noise_asked"]) == ("per_example", "auto")
+    assert _score_of(redis_client, auto) == "signal"
+    auto_mini = _full_batch_run(redis_url, "auto", 16)
+    meta = wire.decode_meta(redis_client.hgetall(auto_mini.keys.meta(auto_mini.id)))["settings"]
+    assert meta["noise"] == "auto" and _score_of(redis_client, auto_mini) == "tail"
     # Mini-batches: the batch gate says nothing about the training set; the tail score.
     assert _score_of(redis_client, _full_batch_run(redis_url, "per_example", 16)) == "tail"
     assert _score_of(redis_client, _full_batch_run(redis_url, "streaming", 48)) == "tail"
