@@ -30,8 +30,9 @@ MODES = ("online", "offline", "disabled")
 # together once it has passed since the last hand-off (or on flush, finish, or the
 # sender's next idle wake-up, at most 0.2 s later). Encoding and queueing a record right
 # after a training step costs several times what it costs in a burst
-# (bench/results/agent_cold_calls.md: two records 90–117 µs cold, 8 µs hot), and at one
-# emission a step that was most of the monitor's publishing cost.
+# (bench/results/agent_cold_calls.md: an emitted step's two records 122 µs queued at
+# once right after a training step, 29 µs hot; 62 µs held), and at one emission a step
+# that was most of the monitor's publishing cost.
 HOLD_S = 0.05
 
 # One held item: (stream kind, encoded fields) for a checked record, (stream kind,
